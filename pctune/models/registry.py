@@ -1,0 +1,134 @@
+"""The model zoo: ``create_model`` builds a ``PredictiveNet`` from a registered spec or a spec file."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pctune.errors import PctuneError
+from pctune.models.backbones import build_backbone
+from pctune.models.layers import build_decoder, default_decoder
+from pctune.models.spec import ModelSpec, load_spec
+from pctune.models.weights import load_feedback_weights
+from pctune.pc.network import PredictiveNet
+from pctune.pc.split import split_backbone
+
+SPEC_DIR = Path(__file__).parent / "specs"
+
+FeedbackSource = str | Path | Sequence[str | Path] | Mapping
+
+
+def list_models() -> list[str]:
+    """The names ``create_model`` accepts (besides spec file paths)."""
+    return sorted(p.stem for p in SPEC_DIR.glob("*.toml"))
+
+
+def get_spec(name: str | Path) -> ModelSpec:
+    """The spec of a registered model, or of a pctune/Predify TOML file given by path."""
+    path = Path(name)
+    if path.suffix == ".toml" or path.is_file():
+        return load_spec(path)
+    candidate = SPEC_DIR / f"{name}.toml"
+    if not candidate.is_file():
+        raise PctuneError(f"unknown model {str(name)!r}; known models: {', '.join(list_models())}")
+    return load_spec(candidate)
+
+
+def create_model(
+    name: str | Path,
+    pretrained: bool = False,
+    feedback_weights: FeedbackSource | None = None,
+    gradient_scaling: bool | None = None,
+    *,
+    backbone_weights: str | Path | None = None,
+    **kwargs: Any,
+) -> PredictiveNet:
+    """Build a predictive network.
+
+    Args:
+        name: a registered model (``pctune.list_models()``) or the path of a pctune/Predify TOML spec.
+        pretrained: load the backbone's ImageNet weights from torchvision/timm (or their cache).
+        feedback_weights: decoder weights (see :func:`pctune.models.weights.load_feedback_weights`).
+        gradient_scaling: override the spec's gradient-scaling switch.
+        backbone_weights: a local state dict for the backbone (instead of downloading).
+        **kwargs: passed to the backbone's constructor (e.g. ``num_classes``).
+    """
+    spec = get_spec(name)
+    backbone = build_backbone(spec.backbone, pretrained, backbone_weights, **{**spec.backbone_kwargs, **kwargs})
+    return build_from_spec(spec, backbone, feedback_weights=feedback_weights, gradient_scaling=gradient_scaling)
+
+
+def from_predify_config(
+    path: str | Path,
+    backbone: nn.Module | str,
+    pretrained: bool = False,
+    feedback_weights: FeedbackSource | None = None,
+    gradient_scaling: bool | None = None,
+    **kwargs: Any,
+) -> PredictiveNet:
+    """Build a ``PredictiveNet`` from a configuration file in Predify's format around ``backbone`` (an
+    ``nn.Module`` or a torchvision/timm model name)."""
+    from pctune.models.predify_config import spec_from_predify
+    from pctune.models.spec import read_toml
+
+    spec = spec_from_predify(read_toml(path), source=str(path))
+    if isinstance(backbone, str):
+        spec.backbone = backbone
+        backbone = build_backbone(backbone, pretrained, **kwargs)
+    _alias_legacy_modules(spec, backbone)
+    return build_from_spec(spec, backbone, feedback_weights=feedback_weights, gradient_scaling=gradient_scaling)
+
+
+def _alias_legacy_modules(spec: ModelSpec, backbone: nn.Module) -> None:
+    """Older timm named EfficientNet's stem activation ``act1``; current timm folds it into ``bn1``."""
+    names = dict(backbone.named_modules())
+    for pcoder in spec.pcoders:
+        if pcoder.module == "act1" and "act1" not in names and "bn1" in names:
+            pcoder.module = "bn1"
+
+
+def build_from_spec(
+    spec: ModelSpec,
+    backbone: nn.Module,
+    feedback_weights: FeedbackSource | None = None,
+    gradient_scaling: bool | None = None,
+) -> PredictiveNet:
+    """Attach the spec's decoders (Predify's default rule where none is declared) to ``backbone``."""
+    modules = [p.module for p in spec.pcoders]
+    shapes = _encoder_shapes(backbone, modules, spec.input_size) if any(
+        p.decoder is None for p in spec.pcoders) else None
+    decoders = []
+    for i, pcoder in enumerate(spec.pcoders):
+        layers = pcoder.decoder if pcoder.decoder is not None else default_decoder(shapes[i], shapes[i + 1])
+        decoders.append(build_decoder(layers, f"{spec.name}: pcoder{i + 1}.decoder"))
+    net = PredictiveNet(
+        backbone,
+        modules,
+        decoders,
+        name=spec.name,
+        input_size=spec.input_size,
+        gradient_scaling=spec.gradient_scaling if gradient_scaling is None else gradient_scaling,
+        presets=spec.presets,
+    )
+    if feedback_weights is not None:
+        load_feedback_weights(net, feedback_weights)
+    return net
+
+
+@torch.no_grad()
+def _encoder_shapes(backbone: nn.Module, modules: list[str], input_size: Sequence[int]) -> list[tuple]:
+    """(C, H, W) of the image and of every encoder's output at ``input_size``."""
+    encoders, _ = split_backbone(backbone, modules)
+    was_training = backbone.training
+    backbone.eval()
+    x = torch.zeros(1, *input_size)
+    shapes = [tuple(x.shape[1:])]
+    for encoder in encoders:
+        x = encoder(x)
+        shapes.append(tuple(x.shape[1:]))
+    backbone.train(was_training)
+    return shapes

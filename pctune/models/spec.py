@@ -1,0 +1,103 @@
+"""Model specs: a network declared as data (which backbone, which modules end each encoder, which
+decoder predicts it, the hyperparameter presets), read from pctune's TOML format."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pctune.errors import PctuneError
+from pctune.models.layers import build_decoder
+from pctune.pc.hyperparameters import Hyperparameters
+
+
+@dataclass
+class PcoderSpec:
+    module: str  # the backbone module whose output ends this encoder
+    decoder: Any = None  # a layer table, a list of them, or None for Predify's default rule
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    backbone: str  # "torchvision/vgg16", "timm/efficientnet_b0", "pctune/demo_cnn", ...
+    pcoders: list[PcoderSpec]
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    gradient_scaling: bool = False
+    description: str = ""
+    presets: dict[str, Hyperparameters] = field(default_factory=dict)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def num_pcoders(self) -> int:
+        return len(self.pcoders)
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PctuneError(f"{path}: no such file")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise PctuneError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read a pctune model spec; a file in Predify's format is converted (see ``predify_config``)."""
+    data = read_toml(path)
+    if "backbone" not in data and "pcoders" in data:
+        from pctune.models.predify_config import spec_from_predify
+
+        return spec_from_predify(data, source=str(path))
+    return spec_from_mapping(data, source=str(path))
+
+
+def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> ModelSpec:
+    where = source
+    for key in ("name", "backbone", "pcoders"):
+        if key not in data:
+            raise PctuneError(f"{where}: missing required key {key!r}")
+    known = {"name", "backbone", "pcoders", "input_size", "gradient_scaling", "description",
+             "hyperparameters", "backbone_kwargs"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PctuneError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    pcoders = []
+    for i, table in enumerate(data["pcoders"], start=1):
+        if "module" not in table:
+            raise PctuneError(f"{where}: pcoder{i}: missing 'module'")
+        decoder = table.get("decoder")
+        if decoder is not None:
+            build_decoder(decoder, f"{where}: pcoder{i}.decoder")  # validate early
+        pcoders.append(PcoderSpec(module=str(table["module"]), decoder=decoder))
+    spec = ModelSpec(
+        name=str(data["name"]),
+        backbone=str(data["backbone"]),
+        pcoders=pcoders,
+        input_size=_input_size(data.get("input_size", (3, 224, 224)), where),
+        gradient_scaling=bool(data.get("gradient_scaling", False)),
+        description=str(data.get("description", "")),
+        backbone_kwargs=dict(data.get("backbone_kwargs", {})),
+        source=source,
+    )
+    for preset, table in data.get("hyperparameters", {}).items():
+        try:
+            spec.presets[preset] = Hyperparameters.from_mapping(table, spec.num_pcoders).for_pcoders(
+                spec.num_pcoders)
+        except PctuneError as exc:
+            raise PctuneError(f"{where}: hyperparameters.{preset}: {exc}") from None
+    return spec
+
+
+def _input_size(value: Any, where: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise PctuneError(f"{where}: input_size must be [channels, height, width], got {value!r}") from None
+    return c, h, w

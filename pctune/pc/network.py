@@ -1,0 +1,278 @@
+"""The predictive-coding engine: ``PredictiveNet.run`` implements ``shared/spec/dynamics.md``.
+
+Timestep 0 is the plain feedforward sweep. Each later timestep sweeps the pcoders bottom to top:
+
+    e_n(t) = beta_n f_n(e_{n-1}(t)) + lambda_n p_{n+1}(t-1) + (1 - beta_n - lambda_n) e_n(t-1)
+             - alpha_n s_n G_n(t-1)
+
+with p_n = g_n(e_n) the prediction of e_{n-1}, eps_n the per-image mean squared error of p_n against
+e_{n-1} as it is in the same sweep, and G_n = d eps_n / d e_n computed as a vector-Jacobian product
+through the decoder. Work no returned number depends on is skipped: a prediction is made only when it
+is fed back (lambda of the pcoder below > 0), differentiated (alpha > 0) or returned, and the last
+timestep makes none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from pctune.errors import PctuneError
+from pctune.pc.hyperparameters import Hyperparameters
+from pctune.pc.scaling import gradient_scale
+from pctune.pc.split import split_backbone
+
+GradMode = Literal["none", "exact", "constant-error"]
+
+
+@dataclass
+class RunResult:
+    """What ``run(..., return_states=True)`` returns."""
+
+    logits: Tensor  # [T+1, B, classes]
+    reconstructions: Tensor  # [T+1, B, *image]: the first decoder's prediction of the input
+    errors: Tensor  # [T+1, N, B]: eps_n(t) per pcoder and image
+
+
+class PredictiveNet(nn.Module):
+    """A feedforward backbone augmented with feedback decoders and predictive-coding dynamics.
+
+    ``backbone`` is the original torchvision/timm module (its usual parameter names); ``decoders[i]``
+    predicts the input of encoder i+1 from its output (``decoders[0]`` predicts the image). Encoders
+    and the head are views of the backbone cut at ``encoder_modules`` and share its parameters.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        encoder_modules: Sequence[str],
+        decoders: Sequence[nn.Module],
+        *,
+        name: str = "predictive-net",
+        input_size: Sequence[int] = (3, 224, 224),
+        gradient_scaling: bool = False,
+        presets: dict[str, Hyperparameters] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(decoders) != len(encoder_modules):
+            raise PctuneError(f"{len(encoder_modules)} encoders but {len(decoders)} decoders")
+        self.backbone = backbone
+        self.decoders = nn.ModuleList(decoders)
+        self.encoder_modules = list(encoder_modules)
+        self.name = name
+        self.input_size = tuple(input_size)
+        self.gradient_scaling = gradient_scaling
+        self.presets = dict(presets or {})
+        encoders, head = split_backbone(backbone, self.encoder_modules)
+        # Plain lists: the pieces share the backbone's modules and must not appear twice in state_dict.
+        self._encoders: list[nn.Module] = encoders
+        self._head: nn.Module = head
+        self._scale_cache: dict[tuple, float] = {}
+        self.requires_grad_(False)
+        self.eval()
+
+    # -- structure ----------------------------------------------------------------------------------
+    @property
+    def num_pcoders(self) -> int:
+        return len(self.decoders)
+
+    @property
+    def encoders(self) -> list[nn.Module]:
+        return list(self._encoders)
+
+    @property
+    def head(self) -> nn.Module:
+        return self._head
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The plain feedforward network (equal to ``backbone(x)``)."""
+        for encoder in self._encoders:
+            x = encoder(x)
+        return self._head(x)
+
+    def hyperparameters(self, hparams: Hyperparameters | str | dict | None = None) -> Hyperparameters:
+        """Resolve ``hparams`` (an object, a preset name such as ``"default"``, a mapping, or None for
+        the ``"default"`` preset) to one triple per pcoder of this network."""
+        if hparams is None:
+            hparams = "default"
+        if isinstance(hparams, str):
+            if hparams == "feedforward":
+                return Hyperparameters.feedforward(self.num_pcoders)
+            if hparams not in self.presets:
+                known = ", ".join(sorted([*self.presets, "feedforward"]))
+                raise PctuneError(f"{self.name} has no hyperparameter preset {hparams!r} (known: {known})")
+            hparams = self.presets[hparams]
+        elif isinstance(hparams, dict):
+            hparams = Hyperparameters.from_mapping(hparams, self.num_pcoders)
+        return hparams.for_pcoders(self.num_pcoders)
+
+    def gradient_scales(self, image_size: Sequence[int] | None = None) -> list[float]:
+        """s_n for every pcoder at ``image_size`` (C, H, W; default: the model's input size); all 1.0
+        when gradient scaling is off."""
+        if not self.gradient_scaling:
+            return [1.0] * self.num_pcoders
+        size = tuple(image_size or self.input_size)
+        param = next(self.parameters())
+        with torch.no_grad():
+            below = torch.zeros(1, *size, dtype=param.dtype, device=param.device)
+            scales = []
+            for n, encoder in enumerate(self._encoders):
+                rep = encoder(below)
+                scales.append(self._scale(n, rep, below))
+                below = rep
+        return scales
+
+    def _scale(self, n: int, rep: Tensor, target: Tensor) -> float:
+        key = (n, tuple(rep.shape[1:]), tuple(target.shape[1:]))
+        if key not in self._scale_cache:
+            self._scale_cache[key] = gradient_scale(self.decoders[n], key[1], key[2])
+        return self._scale_cache[key]
+
+    # -- dynamics -----------------------------------------------------------------------------------
+    def run(
+        self,
+        x: Tensor,
+        timesteps: int = 4,
+        hparams: Hyperparameters | str | dict | None = None,
+        *,
+        return_states: bool = False,
+        grad_mode: GradMode = "none",
+    ) -> Tensor | RunResult:
+        """Run the dynamics for ``timesteps`` steps after the feedforward pass.
+
+        Returns the logits of every timestep, ``[T+1, batch, classes]`` (index 0 is the feedforward
+        pass). With ``return_states=True`` returns a :class:`RunResult` that also holds, per timestep,
+        the first decoder's reconstruction of the input and every pcoder's per-image error.
+
+        ``grad_mode``: ``"none"`` for inference; ``"exact"`` keeps the whole computation
+        differentiable, the error-correction term included (double backward); ``"constant-error"``
+        is differentiable but treats the error gradient G as a constant, like the reference package.
+        """
+        if timesteps < 0:
+            raise PctuneError(f"timesteps must be >= 0, got {timesteps}")
+        if grad_mode not in ("none", "exact", "constant-error"):
+            raise PctuneError(f"grad_mode must be 'none', 'exact' or 'constant-error', got {grad_mode!r}")
+        hp = self.hyperparameters(hparams)
+        context = torch.no_grad() if grad_mode == "none" else torch.enable_grad()
+        with context:
+            return _Dynamics(self, hp, grad_mode, return_states).run(x, timesteps)
+
+
+class _Dynamics:
+    """One call of ``PredictiveNet.run``: the state of every pcoder across the sweeps."""
+
+    def __init__(self, net: PredictiveNet, hp: Hyperparameters, grad_mode: GradMode, keep: bool) -> None:
+        self.net = net
+        self.n = net.num_pcoders
+        self.beta, self.lam, self.alpha = hp.beta, hp.lambda_, hp.alpha
+        self.grad_mode = grad_mode
+        self.keep = keep
+        # Which pcoders must predict during timesteps 0..T-1: the prediction is fed back to the
+        # pcoder below (its lambda > 0; the top pcoder's lambda is ignored) or differentiated.
+        self.feeds_back = [n > 0 and self.lam[n - 1] > 0 for n in range(self.n)]
+        self.corrects = [a > 0 for a in self.alpha]
+
+    def run(self, x: Tensor, timesteps: int) -> Tensor | RunResult:
+        n_pc = self.n
+        reps: list[Tensor] = [x] * n_pc
+        preds: list[Tensor | None] = [None] * n_pc
+        grads: list[Tensor | None] = [None] * n_pc
+        scales = [1.0] * n_pc
+        logits, recon, errors = [], [], []
+
+        for t in range(timesteps + 1):
+            last = t == timesteps
+            below = x
+            step_errors = []
+            for n in range(n_pc):
+                if t == 0:
+                    rep = self.net._encoders[n](below)
+                    if self.net.gradient_scaling and self.corrects[n]:
+                        scales[n] = self.net._scale(n, rep, below)
+                else:
+                    rep = self._update(n, below, reps[n], preds, grads[n], scales[n])
+                reps[n] = rep
+                want_pred = self.keep or (not last and (self.feeds_back[n] or self.corrects[n]))
+                want_grad = not last and self.corrects[n]
+                preds[n], grads[n], err = self._predict(n, rep, below, want_pred, want_grad)
+                step_errors.append(err)
+                below = rep
+            logits.append(self.net._head(below))
+            if self.keep:
+                recon.append(preds[0])
+                errors.append(torch.stack(step_errors))
+
+        stacked = torch.stack(logits)
+        if not self.keep:
+            return stacked
+        return RunResult(logits=stacked, reconstructions=torch.stack(recon), errors=torch.stack(errors))
+
+    def _update(self, n: int, below: Tensor, previous: Tensor, preds: list, grad: Tensor | None,
+                scale: float) -> Tensor:
+        """e_n(t) from the feedforward drive, the feedback of t-1, the memory and the error gradient.
+        Terms whose coefficient is zero are not computed."""
+        beta = self.beta[n]
+        lam = self.lam[n] if n < self.n - 1 else 0.0
+        terms = []
+        if beta != 0:
+            terms.append(beta * self.net._encoders[n](below))
+        if lam != 0:
+            terms.append(lam * preds[n + 1])
+        memory = 1.0 - beta - lam
+        if memory != 0:
+            terms.append(memory * previous)
+        if not terms:
+            terms.append(torch.zeros_like(previous))
+        rep = terms[0]
+        for term in terms[1:]:
+            rep = rep + term
+        if self.alpha[n] != 0:
+            rep = rep - (self.alpha[n] * scale) * grad
+        return rep
+
+    def _predict(self, n: int, rep: Tensor, target: Tensor, want_pred: bool, want_grad: bool):
+        """p_n = g_n(e_n), and when wanted G_n = d eps_n / d e_n and eps_n per image."""
+        if not (want_pred or want_grad):
+            return None, None, None
+        decoder = self.net.decoders[n]
+        per_elem = 2.0 / target[0].numel()
+        if self.grad_mode == "exact":
+            source = rep if rep.requires_grad else rep.detach().requires_grad_(True)
+            pred = decoder(source)
+            diff = pred - target
+            grad = None
+            if want_grad:
+                eps_sum = diff.square().flatten(1).mean(1).sum()
+                (grad,) = torch.autograd.grad(eps_sum, source, create_graph=True)
+            err = diff.detach().square().flatten(1).mean(1) if self.keep else None
+            return pred, grad, err
+        if self.grad_mode == "constant-error":
+            pred = decoder(rep)
+            grad = self._constant_grad(decoder, rep, target, per_elem) if want_grad else None
+            err = (pred - target).detach().square().flatten(1).mean(1) if self.keep else None
+            return pred, grad, err
+        # Inference: the VJP of the decoder with the per-image error's output gradient.
+        if want_grad:
+            grad, pred, diff = self._vjp(decoder, rep, target, per_elem)
+        else:
+            pred = decoder(rep)
+            diff = pred - target if self.keep else None
+        err = diff.square().flatten(1).mean(1) if self.keep else None
+        return pred, grad, err
+
+    @staticmethod
+    def _vjp(decoder: nn.Module, rep: Tensor, target: Tensor, per_elem: float):
+        with torch.enable_grad():
+            source = rep.detach().requires_grad_(True)
+            pred = decoder(source)
+            diff = (pred - target).detach()
+            (grad,) = torch.autograd.grad(pred, source, grad_outputs=diff * per_elem)
+        return grad, pred.detach(), diff
+
+    def _constant_grad(self, decoder: nn.Module, rep: Tensor, target: Tensor, per_elem: float) -> Tensor:
+        grad, _, _ = self._vjp(decoder, rep, target.detach(), per_elem)
+        return grad
