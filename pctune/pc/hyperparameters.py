@@ -46,7 +46,7 @@ class Hyperparameters:
         b, l, a = _as_tuple("beta", beta), _as_tuple("lambda", lambda_), _as_tuple("alpha", alpha)
         n = max(len(b), len(l), len(a))
         expanded = []
-        for name, vals in (("beta", b), ("lambda", l), ("alpha", a)):
+        for vals in (b, l, a):
             if len(vals) == 1:
                 vals = vals * n
             elif len(vals) != n:

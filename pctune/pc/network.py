@@ -259,6 +259,7 @@ class _Dynamics:
         if want_grad:
             grad, pred, diff = self._vjp(decoder, rep, target, per_elem)
         else:
+            grad = None
             pred = decoder(rep)
             diff = pred - target if self.keep else None
         err = diff.square().flatten(1).mean(1) if self.keep else None

@@ -1,0 +1,105 @@
+"""The ``pctune`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pctune.errors import PctuneError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except PctuneError as exc:
+        print(f"pctune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pctune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pctune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pctune {_version()}")
+    commands = parser.add_subparsers(title="commands")
+
+    models = commands.add_parser("models", help="list the registered models")
+    models.set_defaults(handler=_models)
+
+    train = commands.add_parser("train-feedback", help="train a model's feedback decoders (paper Eq. 3)")
+    train.add_argument("model", help="a registered model name or a model spec TOML")
+    train.add_argument("--data", required=True, help="an ImageFolder tree (root/<class>/<image>)")
+    train.add_argument("--out", default=None, help="checkpoint directory (default: runs/feedback/MODEL)")
+    train.add_argument("--epochs", type=int, default=5)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--image-size", type=int, default=None, help="crop size (default: the model's)")
+    train.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    train.add_argument("--pretrained", action="store_true", help="download the backbone's ImageNet weights")
+    train.add_argument("--backbone-weights", default=None, help="a local state dict for the backbone")
+    train.add_argument("--feedback-weights", default=None, help="start the decoders from these weights")
+    train.add_argument("--device", default=None, help="cuda, cpu, ... (default: a GPU when present)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(handler=_train_feedback)
+
+    from pctune.search.cli import add_search_commands
+
+    add_search_commands(commands)
+    return parser
+
+
+def _version() -> str:
+    from pctune import __version__
+
+    return __version__
+
+
+def _models(args: argparse.Namespace) -> int:
+    from pctune.models import get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        print(f"{name:12s} {spec.num_pcoders} pcoders  {spec.backbone:24s} {spec.description}")
+    return 0
+
+
+def _train_feedback(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from pctune.data.folders import image_folder
+    from pctune.models import create_model, save_feedback_weights
+    from pctune.training import train_feedback
+
+    if not Path(args.data).is_dir():
+        raise PctuneError(f"{args.data}: no such directory")
+    torch.manual_seed(args.seed)
+    net = create_model(args.model, pretrained=args.pretrained, backbone_weights=args.backbone_weights,
+                       feedback_weights=args.feedback_weights)
+    size = args.image_size or net.input_size[-1]
+    dataset = image_folder(args.data, split="train", image_size=size)
+    if len(dataset) == 0:
+        raise PctuneError(f"{args.data}: no images")
+    out = Path(args.out or Path("runs") / "feedback" / net.name)
+    loader_args = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    print(f"training {net.num_pcoders} decoders of {net.name} on {len(dataset)} images from {args.data}; "
+          f"checkpoints in {out}")
+    history = train_feedback(net, lambda: torch.utils.data.DataLoader(dataset, **loader_args), epochs=args.epochs,
+                             lr=args.lr, device=args.device, checkpoint_dir=out, resume=args.resume)
+    save_feedback_weights(net.cpu(), out / "feedback.pt", history=history)
+    print(f"feedback weights: {out / 'feedback.pt'}  (load with create_model(..., feedback_weights=PATH))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Image sets, transforms, noise and the bundled demo data."""

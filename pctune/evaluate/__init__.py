@@ -1,0 +1,1 @@
+"""Promotion stages: ImageNet-C and adversarial evaluation."""

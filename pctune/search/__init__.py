@@ -1,0 +1,1 @@
+"""Search spaces, the trial objective, and the Ray Tune + Optuna driver."""

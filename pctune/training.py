@@ -1,0 +1,119 @@
+"""Feedback (decoder) training, paper Eq. 3: with the backbone frozen, every decoder learns to
+reconstruct the representation below it after one feedforward pass (no recurrence)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pctune.errors import PctuneError
+from pctune.models.weights import FORMAT
+from pctune.pc.network import PredictiveNet
+
+
+def reconstruction_losses(net: PredictiveNet, images: Tensor) -> Tensor:
+    """Per pcoder, the mean squared error of its decoder's prediction of the layer below, after one
+    feedforward pass; the decoders are differentiable, the backbone is not."""
+    losses = []
+    below = images
+    for encoder, decoder in zip(net.encoders, net.decoders, strict=True):
+        with torch.no_grad():
+            rep = encoder(below)
+        losses.append(torch.nn.functional.mse_loss(decoder(rep), below))
+        below = rep
+    return torch.stack(losses)
+
+
+def train_feedback(
+    net: PredictiveNet,
+    batches: Callable[[], Iterable],
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    device: str | torch.device | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train ``net.decoders`` on the summed reconstruction loss for ``epochs`` epochs.
+
+    ``batches()`` yields ``images`` or ``(images, labels)`` for one epoch. With ``checkpoint_dir``,
+    a checkpoint (decoders, optimizer, history) is written after every epoch to ``last.pt``, and
+    ``resume=True`` continues from it. Returns the per-epoch history of mean losses per pcoder.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net.to(device).eval()
+    net.decoders.requires_grad_(True)
+    optimizer = torch.optim.Adam(net.decoders.parameters(), lr=lr, weight_decay=weight_decay)
+    history: list[dict] = []
+    checkpoint = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if resume:
+        history = _resume(net, optimizer, checkpoint, log)
+    try:
+        for epoch in range(len(history) + 1, epochs + 1):
+            history.append(_epoch(net, optimizer, batches(), device, epoch, epochs, progress))
+            log(_summary(history[-1]))
+            if checkpoint is not None:
+                _save(net, optimizer, history, checkpoint)
+    finally:
+        net.decoders.requires_grad_(False)
+    return history
+
+
+def _epoch(net, optimizer, batches, device, epoch: int, epochs: int, progress: bool) -> dict:
+    start = time.perf_counter()
+    totals = torch.zeros(net.num_pcoders, dtype=torch.float64)
+    count = 0
+    bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+    for batch in bar:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        images = images.to(device, non_blocking=True)
+        losses = reconstruction_losses(net, images)
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+        totals += losses.detach().double().cpu() * len(images)
+        count += len(images)
+        bar.set_postfix(loss=f"{losses.sum().item():.4g}")
+    if count == 0:
+        raise PctuneError("the training data yielded no images")
+    per_pcoder = (totals / count).tolist()
+    return {"epoch": epoch, "loss": sum(per_pcoder), "pcoder_losses": per_pcoder, "images": count,
+            "seconds": time.perf_counter() - start}
+
+
+def _summary(record: dict) -> str:
+    parts = " ".join(f"pc{i}={v:.4g}" for i, v in enumerate(record["pcoder_losses"], start=1))
+    return f"epoch {record['epoch']}: loss {record['loss']:.4g} ({parts}) [{record['seconds']:.1f}s]"
+
+
+def _save(net: PredictiveNet, optimizer, history: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": FORMAT, "model": net.name, "encoder_modules": net.encoder_modules,
+                "decoders": net.decoders.state_dict(), "optimizer": optimizer.state_dict(),
+                "history": history}, tmp)
+    tmp.replace(path)
+
+
+def _resume(net: PredictiveNet, optimizer, path: Path | None, log) -> list[dict]:
+    if path is None:
+        raise PctuneError("resume needs a checkpoint directory")
+    if not path.is_file():
+        log(f"no checkpoint at {path}: starting from scratch")
+        return []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("model") != net.name:
+        raise PctuneError(f"{path} was trained for {state.get('model')!r}, not {net.name!r}")
+    net.decoders.load_state_dict(state["decoders"])
+    optimizer.load_state_dict(state["optimizer"])
+    history = list(state["history"])
+    log(f"resumed from {path} after epoch {len(history)}")
+    return history

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+import pctune
+
+
+@pytest.fixture(scope="session")
+def pvgg16():
+    torch.manual_seed(0)
+    return pctune.create_model("pvgg16")
+
+
+@pytest.fixture(scope="session")
+def peffnetb0():
+    torch.manual_seed(0)
+    net = pctune.create_model("peffnetb0")
+    _randomize_batchnorm(net.backbone)
+    return net
+
+
+def _randomize_batchnorm(module: torch.nn.Module) -> None:
+    """Fresh BatchNorm statistics are the identity; make them non-trivial so tests can see mistakes."""
+    gen = torch.Generator().manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
