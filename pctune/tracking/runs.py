@@ -1,0 +1,152 @@
+"""The run structure of a search in MLflow.
+
+- one parent run per search: params (job, model, sampler, seed, dataset digest, ...), tags
+  ``pctune.job``, ``pctune.version``, ``pctune.git_commit``; after the search, ``best_mean_ce``,
+  ``baseline_mean_ce``, ``default_mean_ce``, the leaderboard CSV and the summary plots;
+- one nested child run per trial: params ``pcoder{n}.beta``, ``pcoder{n}.lambda``, ``pcoder{n}.alpha``,
+  metric ``mean_ce``, and ``ce``, ``accuracy`` and ``recon_error_pc{n}`` at step t for t = 0..T; tag
+  ``pctune.trial_id`` makes logging idempotent (``sync`` uploads only what is missing).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from pctune.errors import PctuneError
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "pctune.trial_id"
+SEARCH_TAG = "pctune.search_id"
+JOB_TAG = "pctune.job"
+_STEP_METRIC = re.compile(r"^(ce|accuracy)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
+_PARAM = re.compile(r"^pcoder\d+\.(beta|lambda|alpha)$")
+
+
+def trial_metrics(result: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """(name, value, step) for a trial's result: ``mean_ce`` at step 0, and ``ce_t3`` ->
+    (``ce``, value, 3), ``accuracy_t3``, ``recon_error_pc2_t3`` -> (``recon_error_pc2``, value, 3)."""
+    metrics = []
+    for key, value in result.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        match = _STEP_METRIC.match(key)
+        if match:
+            name = match.group(1) or match.group(3)
+            step = int(match.group(2) or match.group(4))
+            metrics.append((name, float(value), step))
+        elif key in ("mean_ce", "diverged"):
+            metrics.append((key, float(value), 0))
+    return metrics
+
+
+def trial_params(config: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in config.items() if _PARAM.match(k)}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+class SearchTracker:
+    """Logs one search to MLflow. Every method is safe to call again after a crash or a resume."""
+
+    def __init__(self, uri: str, experiment: str, search_id: str) -> None:
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        self.search_id = search_id
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        except Exception as exc:  # MLflow raises its own and requests' exception types
+            raise PctuneError(f"cannot use MLflow experiment {experiment!r} at {uri}: {exc}") from None
+        self.parent_id = self._find_parent()
+
+    # -- the parent run ---------------------------------------------------------------------------
+    def _find_parent(self) -> str | None:
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{self.search_id}'",
+                                       max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def start(self, job_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
+        """Create the parent run, or reuse the one this search already has (resume, sync)."""
+        if self.parent_id is None:
+            from pctune import __version__
+
+            all_tags = {SEARCH_TAG: self.search_id, JOB_TAG: job_name, "pctune.version": __version__,
+                        "pctune.git_commit": git_commit(), "mlflow.runName": f"search-{job_name}",
+                        **(tags or {})}
+            run = self.client.create_run(self.experiment_id, tags=all_tags)
+            self.parent_id = run.info.run_id
+            self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return self.parent_id
+
+    # -- trials ---------------------------------------------------------------------------------------
+    def logged_trials(self) -> set[str]:
+        """Trial ids that already have a child run under this search."""
+        ids, token = set(), None
+        while True:
+            page = self.client.search_runs([self.experiment_id],
+                                           filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+                                           max_results=1000, page_token=token)
+            ids.update(r.data.tags.get(TRIAL_TAG) for r in page if r.data.tags.get(TRIAL_TAG))
+            token = page.token
+            if not token:
+                return ids
+
+    def log_trial(self, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any],
+                  name: str | None = None) -> str:
+        """One nested child run for a finished trial."""
+        if self.parent_id is None:
+            raise RuntimeError("start() the search run first")
+        tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, "mlflow.runName": name or trial_id}
+        if result.get("diverged"):
+            tags["pctune.diverged"] = "true"
+        run = self.client.create_run(self.experiment_id, tags=tags)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v, step in trial_metrics(result) if math.isfinite(v)]
+        params = [Param(k, repr(v)) for k, v in trial_params(config).items()]
+        for i in range(0, max(len(metrics), 1), 900):  # MLflow caps a batch at 1000 entries
+            self.client.log_batch(run.info.run_id, metrics=metrics[i:i + 900], params=params if i == 0 else [])
+        self.client.set_terminated(run.info.run_id, "FAILED" if result.get("diverged") else "FINISHED")
+        return run.info.run_id
+
+    def log_missing(self, trials: Iterable[tuple[str, Mapping, Mapping]]) -> int:
+        """Log the (trial_id, config, result) triples that have no child run yet; return how many."""
+        done = self.logged_trials()
+        count = 0
+        for trial_id, config, result in trials:
+            if trial_id not in done:
+                self.log_trial(trial_id, config, result)
+                done.add(trial_id)
+                count += 1
+        return count
+
+    # -- the summary ----------------------------------------------------------------------------------
+    def log_summary(self, metrics: Mapping[str, float], params: Mapping[str, Any] | None = None,
+                    artifacts: Iterable[str | Path] = ()) -> None:
+        """Metrics such as best/baseline/default mean CE, the best params, and artifact files."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.parent_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))],
+            tags=[RunTag(f"best.{k}", str(v)) for k, v in (params or {}).items()],
+        )
+        for path in artifacts:
+            self.client.log_artifact(self.parent_id, str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_id, status)
