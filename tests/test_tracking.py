@@ -98,3 +98,27 @@ def test_champion_round_trip(server, tmp_path):
     assert loaded_hp == hp and timesteps == 3
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(loaded.run(x, 3, loaded_hp), net.run(x, 3, hp))
+
+
+def test_search_summary_logs_scores_csv_and_plots(server, tmp_path):
+    import pandas as pd
+
+    from pctune.tracking.summary import log_search_summary
+
+    rows = []
+    for i in range(8):
+        beta, lam = 0.3 + 0.08 * i, 0.05 * (i % 3)
+        result = _result(1.0 + (beta - 0.6) ** 2 + lam)
+        rows.append({"trial_id": f"t{i}", "pcoder1.beta": beta, "pcoder1.lambda": lam, **result})
+    trials = pd.DataFrame(rows)
+    tracker = SearchTracker(server, "summary-test", search_id="search-3")
+    run_id = tracker.start("demo", {})
+    metrics = log_search_summary(tracker, trials, {"baseline": _result(1.5), "default": _result(1.3)}, tmp_path)
+    assert metrics == {"best_mean_ce": pytest.approx(1.0 + 0.06 ** 2), "baseline_mean_ce": 1.5,
+                       "default_mean_ce": 1.3}
+    client = MlflowClient(server)
+    run = client.get_run(run_id)
+    assert run.data.metrics["baseline_mean_ce"] == 1.5
+    assert run.data.tags["best.pcoder1.beta"] == str(trials.loc[trials.mean_ce.idxmin(), "pcoder1.beta"])
+    files = {a.path for a in client.list_artifacts(run_id)}
+    assert {"leaderboard.csv", "score_over_trials.png", "accuracy_per_timestep.png", "param_importances.png"} <= files
