@@ -1,0 +1,126 @@
+"""The embedded demo: scikit-learn's handwritten digits (real 8x8 images bundled with scikit-learn),
+upsampled to 16x16, a small CNN trained on them, and its feedback decoders; all cached after the first
+run in ``$PCTUNE_CACHE`` (default ``~/.cache/pctune``) so that later runs start at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pctune.pc.network import PredictiveNet
+
+CACHE_VERSION = "demo-v1"
+IMAGE_SIZE = 16
+NUM_TEST = 500
+SPLIT_SEED = 0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PCTUNE_CACHE") or Path.home() / ".cache" / "pctune")
+
+
+def digits(split: str = "test", image_size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
+    """(images [N, 1, S, S] normalized by the train split's mean/std, labels [N]) of one split of
+    scikit-learn's digits: a fixed, seeded split of the 1797 images, ``NUM_TEST`` held out for test."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    test_idx, train_idx = order[:NUM_TEST], order[NUM_TEST:]
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    idx = {"train": train_idx, "test": test_idx}.get(split)
+    if idx is None:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    x = images[idx]
+    if image_size != 8:
+        x = nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return (x - mean) / std, labels[idx]
+
+
+def ensure_demo_model(cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
+                      seed: int = 0) -> dict[str, Path]:
+    """Train the demo CNN and its decoders unless cached; returns the paths of the backbone state
+    dict, the feedback checkpoint and the metadata."""
+    folder = Path(cache_dir or cache_root()) / CACHE_VERSION
+    paths = {"backbone": folder / "backbone.pt", "feedback": folder / "feedback.pt", "meta": folder / "meta.json"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"demo: training the digits CNN and its feedback decoders once (cached in {folder})")
+    start = time.perf_counter()
+    net, meta = _train(seed, log)
+    from pctune.models.weights import save_feedback_weights
+
+    _save_atomic(net.backbone.state_dict(), paths["backbone"])
+    save_feedback_weights(net, paths["feedback"])
+    meta["seconds"] = round(time.perf_counter() - start, 1)
+    tmp = paths["meta"].with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(paths["meta"])
+    log(f"demo: done in {meta['seconds']}s (clean test accuracy {meta['test_accuracy']:.1%})")
+    return paths
+
+
+def load_demo_model(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> PredictiveNet:
+    """The trained demo network (training it first if not cached)."""
+    from pctune.models.registry import create_model
+
+    paths = ensure_demo_model(cache_dir, log)
+    return create_model("demo", backbone_weights=paths["backbone"], feedback_weights=paths["feedback"])
+
+
+def _train(seed: int, log: Callable[[str], None]) -> tuple[PredictiveNet, dict]:
+    from pctune.models.registry import create_model
+    from pctune.training import train_feedback
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    try:
+        torch.manual_seed(seed)
+        net = create_model("demo")
+        x, y = digits("train")
+        _train_classifier(net.backbone, x, y, seed)
+        xt, yt = digits("test")
+        with torch.no_grad():
+            accuracy = (net(xt).argmax(1) == yt).float().mean().item()
+        gen = torch.Generator().manual_seed(seed + 1)
+
+        def batches():
+            order = torch.randperm(len(x), generator=gen)
+            return [x[order[i:i + 64]] for i in range(0, len(x), 64)]
+
+        history = train_feedback(net, batches, epochs=12, lr=5e-3, device="cpu", progress=False,
+                                 log=lambda _msg: None)
+    finally:
+        torch.set_num_threads(threads)
+    return net, {"test_accuracy": accuracy, "feedback_loss": history[-1]["pcoder_losses"],
+                 "train_images": len(x), "test_images": len(xt), "image_size": IMAGE_SIZE}
+
+
+def _train_classifier(model: nn.Module, x: Tensor, y: Tensor, seed: int, epochs: int = 12) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 64):
+            idx = order[i:i + 64]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.eval().requires_grad_(False)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)

@@ -1,0 +1,87 @@
+"""The tuning objective (``shared/spec/dynamics.md``, "The tuning objective"), in plain PyTorch.
+
+Score = cross-entropy of the logits against the labels, averaged over the images and over timesteps
+t = 1..T (lower is better). Also reported, as a flat dict of floats (the keys later become MLflow
+metrics): ``ce_t{t}`` and ``accuracy_t{t}`` for every t = 0..T, and ``recon_error_pc{n}``, pcoder n's
+per-image reconstruction error eps_n averaged over the images and over t = 1..T.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from pctune.pc.hyperparameters import Hyperparameters
+from pctune.pc.network import PredictiveNet
+
+METRIC = "mean_ce"
+MODE = "min"
+
+
+def default_penalty(num_classes: int) -> float:
+    """The score of a diverged trial: finite, and far worse than chance (ln C)."""
+    return 10.0 * math.log(max(num_classes, 2))
+
+
+def score(
+    net: PredictiveNet,
+    images: Tensor,
+    labels: Tensor,
+    hparams: Hyperparameters,
+    *,
+    timesteps: int = 4,
+    batch_size: int = 100,
+    penalty: float | None = None,
+) -> dict[str, float]:
+    """Evaluate ``hparams`` on (already noisy) ``images`` on the device ``net`` lives on.
+
+    When the dynamics diverge (a NaN or inf logit), the evaluation stops and the trial is reported as
+    failed: ``diverged = 1`` and every cross-entropy set to the finite ``penalty`` (default
+    :func:`default_penalty`), so the search can rank the point and go on.
+    """
+    start = time.perf_counter()
+    device = next(net.parameters()).device
+    n_pc = net.num_pcoders
+    ce_sum = torch.zeros(timesteps + 1, dtype=torch.float64)
+    correct = torch.zeros(timesteps + 1, dtype=torch.float64)
+    recon = torch.zeros(n_pc, dtype=torch.float64)
+    seen = 0
+    diverged = False
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device, non_blocking=True)
+        y = labels[i:i + batch_size].to(device, non_blocking=True)
+        result = net.run(x, timesteps, hparams, return_states=True)
+        logits = result.logits.float()
+        if not (torch.isfinite(logits).all() and torch.isfinite(result.errors).all()):
+            diverged = True
+            break
+        ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(timesteps + 1), reduction="none")
+        ce_sum += ce.view(timesteps + 1, -1).sum(1).double().cpu()
+        correct += (logits.argmax(-1) == y).sum(1).double().cpu()
+        # errors: [T+1, N, B]; the top timesteps' errors are reported over t = 1..T.
+        recon += result.errors[1:].double().sum((0, 2)).cpu()
+        seen += len(y)
+    return _metrics(ce_sum, correct, recon, seen, timesteps, diverged, penalty, logits.shape[-1], start)
+
+
+def _metrics(ce_sum: Tensor, correct: Tensor, recon: Tensor, seen: int, timesteps: int, diverged: bool,
+             penalty: float | None, num_classes: int, start: float) -> dict[str, float]:
+    penalty = default_penalty(num_classes) if penalty is None else float(penalty)
+    count = max(seen, 1)
+    ce = (ce_sum / count).tolist()
+    acc = (correct / count).tolist()
+    errors = (recon / (count * timesteps)).tolist()
+    if diverged:
+        ce = [penalty] * (timesteps + 1) if seen == 0 else [ce[0]] + [penalty] * timesteps
+        errors = [e if math.isfinite(e) else penalty for e in errors]
+    metrics = {METRIC: penalty if diverged else sum(ce[1:]) / timesteps, "diverged": float(diverged)}
+    metrics.update({f"ce_t{t}": float(v) for t, v in enumerate(ce)})
+    metrics.update({f"accuracy_t{t}": float(v) for t, v in enumerate(acc)})
+    metrics.update({f"recon_error_pc{n}": float(v) for n, v in enumerate(errors, start=1)})
+    metrics["num_images"] = float(seen)
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics

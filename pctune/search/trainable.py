@@ -1,0 +1,140 @@
+"""The Ray side of a trial: a thin function trainable around :func:`pctune.search.objective.score`.
+
+The model (spec + state dict) and the noisy images are put into the Ray object store once per
+search; every worker process builds the model and moves the images to its device once and keeps them
+in module-level caches keyed by content digests, so a trial costs one evaluation, not a model load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pctune.models.spec import ModelSpec
+from pctune.pc.hyperparameters import Hyperparameters
+from pctune.pc.network import PredictiveNet
+from pctune.search.objective import score
+from pctune.search.space import hparams_from_config
+
+_MODELS: OrderedDict[tuple, PredictiveNet] = OrderedDict()
+_DATA: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_CACHE_SIZE = 2  # a worker reused across searches keeps at most this many models / image sets
+STATS = {"model_loads": 0, "data_loads": 0}
+
+
+@dataclass
+class TrialSetup:
+    """Everything a trial needs besides its config; small (the big parts are ObjectRefs)."""
+
+    spec: ModelSpec
+    model_key: str
+    model_ref: Any  # ObjectRef of {name: np.ndarray}: the whole PredictiveNet state dict
+    data_key: str
+    data_ref: Any  # ObjectRef of {"images": np.ndarray, "labels": np.ndarray}
+    timesteps: int
+    batch_size: int
+    penalty: float | None = None
+
+
+def digest_arrays(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+def state_arrays(net: PredictiveNet) -> dict[str, np.ndarray]:
+    """The network's state dict as numpy arrays (zero-copy reads from the object store)."""
+    return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+
+
+def build_model(spec: ModelSpec, state: dict[str, np.ndarray] | None = None) -> PredictiveNet:
+    from pctune.models.backbones import build_backbone
+    from pctune.models.registry import build_from_spec
+
+    net = build_from_spec(spec, build_backbone(spec.backbone, False, None, **spec.backbone_kwargs))
+    if state is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only numpy arrays from the object store
+            net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    return net.eval()
+
+
+def trial_device() -> torch.device:
+    """The GPU Ray assigned to this worker (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    import ray
+
+    if torch.cuda.is_available() and ray.is_initialized() and ray.get_gpu_ids():
+        return torch.device("cuda:0")
+    return torch.device("cpu")
+
+
+def _set_threads() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
+def materialize(setup: TrialSetup, device: torch.device) -> tuple[PredictiveNet, torch.Tensor, torch.Tensor]:
+    """The cached model and images of ``setup`` on ``device`` (fetched and built on a cache miss)."""
+    import ray
+
+    model_key = (setup.model_key, str(device))
+    if model_key not in _MODELS:
+        state = ray.get(setup.model_ref)
+        _MODELS[model_key] = build_model(setup.spec, state).to(device)
+        STATS["model_loads"] += 1
+        _trim(_MODELS)
+    data_key = (setup.data_key, str(device))
+    if data_key not in _DATA:
+        data = ray.get(setup.data_ref)
+        _DATA[data_key] = (torch.from_numpy(np.array(data["images"])).to(device),
+                           torch.from_numpy(np.array(data["labels"])).to(device))
+        STATS["data_loads"] += 1
+        _trim(_DATA)
+    _MODELS.move_to_end(model_key)
+    _DATA.move_to_end(data_key)
+    return _MODELS[model_key], *_DATA[data_key]
+
+
+def _trim(cache: OrderedDict) -> None:
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def evaluate(setup: TrialSetup, hparams: Hyperparameters) -> dict[str, float]:
+    """Score ``hparams`` in this process (a Tune trial or a plain Ray task)."""
+    _set_threads()
+    device = trial_device()
+    net, images, labels = materialize(setup, device)
+    metrics = score(net, images, labels, hparams.for_pcoders(net.num_pcoders), timesteps=setup.timesteps,
+                    batch_size=setup.batch_size, penalty=setup.penalty)
+    metrics["model_loads"] = float(STATS["model_loads"])
+    metrics["gpu"] = float(device.type == "cuda")
+    return metrics
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Ray Tune function trainable: one evaluation, reported once."""
+    from ray import tune
+
+    hparams = hparams_from_config(config, setup.spec.num_pcoders)
+    tune.report(evaluate(setup, hparams))
+
+
+def evaluate_task(setup: TrialSetup, hparams_mapping: dict) -> dict[str, float]:
+    """Body of the Ray task that scores reference points (feedforward, presets, combinations)."""
+    return evaluate(setup, Hyperparameters.from_mapping(hparams_mapping))
