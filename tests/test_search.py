@@ -1,0 +1,222 @@
+"""Real searches on a local Ray (no mocks): tiny model, tiny images, a few trials each."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+import pctune
+from pctune import Hyperparameters
+from pctune.cli import main
+from pctune.models import save_feedback_weights
+from pctune.search.driver import run_search
+from pctune.search.job import load_job
+from pctune.search.results import leaderboard, load_trials
+from pctune.search.space import hparams_from_config, load_space
+
+SPACE = """
+num_pcoders = 3
+[default]
+beta = { low = 0.1, high = 0.9 }
+lambda = { low = 0.0, high = 0.5 }
+alpha = { low = 1e-3, high = 0.5, log = true }
+[pcoder2]
+beta = { low = 0.3, high = 0.85 }
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Random-weight demo model files and a search space (no training: searches only need a network)."""
+    root = tmp_path_factory.mktemp("search")
+    torch.manual_seed(0)
+    net = pctune.create_model("demo")
+    torch.save(net.backbone.state_dict(), root / "backbone.pt")
+    save_feedback_weights(net, root / "feedback.pt")
+    (root / "space.toml").write_text(SPACE)
+    return root
+
+
+def write_job(root: Path, name: str, *, space: str = "space.toml", num_samples: int = 5, concurrent: int = 1,
+              images: int = 48, points: str = '["default", { name = "mine", beta = 0.5, lambda = 0.2, alpha = 0.05 }]',
+              extra: str = "", sampler: str = "tpe", strategy: str = "joint", timesteps: int = 2) -> Path:
+    path = root / f"{name}.toml"
+    path.write_text(f"""
+[model]
+name = "demo"
+backbone_weights = "{root}/backbone.pt"
+feedback_weights = "{root}/feedback.pt"
+{extra}
+[data]
+source = "digits"
+num_images = {images}
+seed = 1
+[objective]
+sigma = 0.5
+timesteps = {timesteps}
+batch_size = 64
+[search]
+space = "{space}"
+sampler = "{sampler}"
+num_samples = {num_samples}
+max_concurrent_trials = {concurrent}
+seed = 3
+strategy = "{strategy}"
+starting_points = {points}
+[run]
+storage_path = "{root}/runs"
+""")
+    return path
+
+
+def _configs(job) -> list[dict]:
+    return [t["config"] for t in load_trials(job.run_dir / "joint")]
+
+
+def test_a_search_samples_feasible_points_and_evaluates_starting_points_first(cluster, workdir):
+    job = load_job(write_job(workdir, "basic", num_samples=6))
+    summary = run_search(job)
+    trials = load_trials(job.run_dir / "joint")
+    assert len(trials) == 6 and all(t["status"] == "TERMINATED" for t in trials)
+    space = load_space(workdir / "space.toml", 3)
+    for t in trials:
+        hp = hparams_from_config(t["config"], 3)
+        for ranges, (b, lam, a) in zip(space.pcoders, hp.triples(), strict=True):
+            assert b + lam <= 1 + 1e-12
+            assert ranges.beta.contains(b) and ranges.lambda_.contains(lam) and ranges.alpha.contains(a)
+        metrics = t["metrics"]
+        assert {"mean_ce", "ce_t0", "ce_t2", "accuracy_t0", "accuracy_t2", "recon_error_pc1",
+                "recon_error_pc3"} <= set(metrics)
+        assert metrics["mean_ce"] == pytest.approx((metrics["ce_t1"] + metrics["ce_t2"]) / 2)
+        assert metrics["model_loads"] == 1  # the worker built the model once, not once per trial
+    first, second = (hparams_from_config(t["config"], 3) for t in trials[:2])
+    assert first.triples()[0] == pytest.approx((0.8, 0.1, 0.01))  # "default", enqueued first
+    assert second.triples()[1] == pytest.approx((0.5, 0.2, 0.05))  # the inline point, second
+    frame = leaderboard(job)
+    assert {"feedforward", "default"} <= set(frame.loc[frame["kind"] == "reference", "name"])
+    assert summary["trials"] == 6
+
+
+def test_the_same_seed_samples_the_same_points(cluster, workdir):
+    one = load_job(write_job(workdir, "seed_a", num_samples=5, points="[]"))
+    two = load_job(write_job(workdir, "seed_b", num_samples=5, points="[]"))
+    run_search(one)
+    run_search(two)
+    assert _configs(one) == _configs(two)
+    other = load_job(write_job(workdir, "seed_c", num_samples=5, points="[]"), {"search.seed": 4})
+    run_search(other)
+    assert _configs(other) != _configs(one)
+
+
+def test_a_diverging_trial_does_not_stop_the_search(cluster, workdir):
+    (workdir / "wild.toml").write_text("""
+[default]
+beta = { low = 0.0, high = 1.0 }
+lambda = { low = 0.0, high = 1.0 }
+alpha = { low = 1e-3, high = 1e38, log = true }
+""")
+    job = load_job(write_job(workdir, "diverge", space="wild.toml", num_samples=6, points='["default"]',
+                             sampler="random", extra="gradient_scaling = true"))
+    run_search(job)
+    trials = load_trials(job.run_dir / "joint")
+    assert len(trials) == 6 and all(t["status"] == "TERMINATED" for t in trials)
+    diverged = [t["metrics"] for t in trials if t["metrics"]["diverged"]]
+    assert diverged, "expected some alpha in [1e-3, 1e38] to blow up"
+    penalty = json.loads((job.run_dir / "job.json").read_text())["penalty"]
+    assert all(m["mean_ce"] == penalty and penalty < 1e3 for m in diverged)
+    assert not trials[0]["metrics"]["diverged"]  # the default point is sane
+    assert leaderboard(job)["mean_ce"].notna().all()
+
+
+def test_resume_after_killing_the_driver_runs_only_the_remaining_trials(cluster, workdir):
+    path = write_job(workdir, "resume", num_samples=8, images=400, timesteps=4, points='["default"]')
+    job = load_job(path)
+    exp = job.run_dir / "joint"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", str(path), "--address", cluster],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(_finished(exp)) < 3:
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    before = _finished(exp)
+    assert 3 <= len(before) < 8
+    time.sleep(2)  # let Ray notice the dead driver and release its trial actors
+    resumed_at = time.time()
+    job.resume = True
+    run_search(job)
+    after = _finished(exp)
+    assert len(after) == 8
+    for folder, content in before.items():
+        assert after[folder] == content  # finished trials were kept, not rerun
+    new = [f for f in after if f not in before]
+    assert len(new) == 8 - len(before)
+    assert all(json.loads(after[f])["timestamp"] >= int(resumed_at) - 1 for f in new)
+    assert all(len(c.splitlines()) == 1 for c in after.values())
+
+
+def _finished(exp: Path) -> dict[str, str]:
+    if not exp.is_dir():
+        return {}
+    out = {}
+    for result in exp.glob("*/result.json"):
+        text = result.read_text().strip()
+        if text:
+            out[result.parent.name] = text
+    return out
+
+
+def test_per_pcoder_strategy_combines_the_winners(cluster, workdir):
+    job = load_job(write_job(workdir, "perpc", num_samples=2, strategy="per-pcoder", points='["default"]'))
+    run_search(job)
+    for n in (1, 2, 3):
+        trials = load_trials(job.run_dir / f"pcoder{n}")
+        assert len(trials) == 2
+        for t in trials:  # the other pcoders stay at the defaults
+            hp = hparams_from_config(t["config"], 3)
+            for m, triple in enumerate(hp.triples(), start=1):
+                if m != n:
+                    assert triple[:1] == pytest.approx((0.8,))
+    combo = json.loads((job.run_dir / "combination.json").read_text())
+    assert "mean_ce" in combo["metrics"]
+    assert "combination" in set(leaderboard(job)["kind"])
+
+
+def test_results_command_writes_a_leaderboard_and_a_loadable_best_toml(cluster, workdir, capsys):
+    path = workdir / "basic.toml"  # searched by the first test
+    assert main(["results", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "feedforward" in out and "best configuration" in out
+    run_dir = load_job(path).run_dir
+    assert (run_dir / "leaderboard.csv").read_text().startswith("rank,kind,name,mean_ce")
+    with (run_dir / "best.toml").open("rb") as fh:
+        hp = Hyperparameters.from_mapping(tomllib.load(fh))
+    net = pctune.create_model("demo")
+    assert net.run(torch.zeros(2, 1, 16, 16), 2, hp).shape == (3, 2, 10)
+
+
+def test_an_existing_search_is_not_overwritten_silently(cluster, workdir, capsys):
+    path = workdir / "basic.toml"
+    assert main(["search", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a search of basic: pass --resume to continue it or --overwrite" in err
