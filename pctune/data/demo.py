@@ -25,9 +25,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("PCTUNE_CACHE") or Path.home() / ".cache" / "pctune")
 
 
-def digits(split: str = "test", image_size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
+def digits(split: str = "test", image_size: int = IMAGE_SIZE, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """(images [N, 1, S, S] normalized by the train split's mean/std, labels [N]) of one split of
-    scikit-learn's digits: a fixed, seeded split of the 1797 images, ``NUM_TEST`` held out for test."""
+    scikit-learn's digits: a fixed, seeded split of the 1797 images, ``NUM_TEST`` held out for test.
+    With ``normalize=False`` the images are pixels in [0, 1] (see :func:`digits_normalization`)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -42,7 +43,17 @@ def digits(split: str = "test", image_size: int = IMAGE_SIZE) -> tuple[Tensor, T
     x = images[idx]
     if image_size != 8:
         x = nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return (x - mean) / std, labels[idx]
+    return ((x - mean) / std if normalize else x), labels[idx]
+
+
+def digits_normalization() -> tuple[float, float]:
+    """The (mean, std) that :func:`digits` normalizes pixels with (the train split's statistics)."""
+    from sklearn.datasets import load_digits
+
+    images = torch.tensor(load_digits().images, dtype=torch.float32) / 16.0
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train = images[order[NUM_TEST:]]
+    return train.mean().item(), train.std().item()
 
 
 def ensure_demo_model(cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
