@@ -190,6 +190,7 @@ def make_sampler(name: str, seed: int, concurrent: int, source: str = "<job>"):
     """The Optuna sampler named in the job, seeded."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=concurrent > 1)
     if name == "random":
