@@ -18,11 +18,10 @@ missing shards.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,12 @@ import torch
 from torch import Tensor
 
 from pctune.errors import PctuneError
+from pctune.evaluate.shards import run_shards
 from pctune.evaluate.unrolled import Unrolled
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
 
 GRADIENT_MODES = ("exact", "constant-error", "transfer")
-FAULT_ENV = "PCTUNE_FAULT_SHARD"  # testing hook: a worker dies once on the named shard
 
 
 @dataclass
@@ -165,9 +164,8 @@ def run_shard(setup: Setup, shard: Shard, seed: int = 0) -> dict[str, Any]:
     """Attack one shard; returns per-image success (0/1) per epsilon and timestep."""
     import foolbox as fb
 
-    _maybe_fail(shard)
     spec = next(a for a in setup.attacks if a.name == shard.attack)
-    device = next(setup.net.parameters()).device
+    device = _device(setup.net)
     x = setup.pixels[shard.start:shard.stop].to(device)
     labels = setup.labels[shard.start:shard.stop].to(device)
     targets = setup.targets[shard.start:shard.stop].to(device)
@@ -203,9 +201,8 @@ def run_shard(setup: Setup, shard: Shard, seed: int = 0) -> dict[str, Any]:
             rows.append(hit.cpu().tolist())
         success[str(t)] = rows
     elapsed = time.perf_counter() - start
-    return {"shard": shard.name, **asdict(shard), "epsilons": spec.epsilons, "success": success,
-            "attacked": keep.long().cpu().tolist(), "labels": labels.cpu().tolist(), "seconds": elapsed,
-            "pid": os.getpid()}
+    return {**asdict(shard), "epsilons": spec.epsilons, "success": success,
+            "attacked": keep.long().cpu().tolist(), "labels": labels.cpu().tolist(), "seconds": elapsed}
 
 
 def _starting_points(setup: Setup, model: Unrolled, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,66 +221,23 @@ def _starting_points(setup: Setup, model: Unrolled, targets: Tensor) -> tuple[Te
     return starts, found
 
 
-def _maybe_fail(shard: Shard) -> None:
-    """Testing hook: with ``PCTUNE_FAULT_SHARD=<name>:<marker file>``, the first worker to start that
-    shard dies abruptly (as a lost node would)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if ":" not in spec:
-        return
-    name, marker = spec.split(":", 1)
-    if name == shard.name and not Path(marker).exists():
-        Path(marker).write_text(str(os.getpid()))
-        os._exit(1)
+def _device(net: PredictiveNet) -> torch.device:
+    return next(net.parameters()).device
 
 
 # -- running all shards -----------------------------------------------------------------------------
 def run_all(setup: Setup, out_dir: Path, chunk: int = 50, use_ray: bool = True, num_gpus: float = 0.0,
             log: Callable[[str], None] = print, seed: int = 0) -> list[dict]:
-    """Run every shard not yet in ``out_dir/shards`` and return all shard results."""
-    shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    """Run every shard not yet in ``out_dir/shards`` (on Ray, or in this process) and return all results."""
     shards = plan_shards(setup.attacks, len(setup.labels), setup.timesteps, chunk)
-    todo = [s for s in shards if not (shard_dir / f"{s.name}.json").is_file()]
-    log(f"adversarial: {len(shards)} shards, {len(shards) - len(todo)} already done, {len(todo)} to run")
-    if todo and use_ray:
-        _run_with_ray(setup, todo, shard_dir, num_gpus, log, seed)
-    else:
-        from tqdm.auto import tqdm
-
-        for shard in tqdm(todo, desc="adversarial shards", disable=not todo):
-            _write_shard(shard_dir, run_shard(setup, shard, seed))
-    return [json.loads((shard_dir / f"{s.name}.json").read_text()) for s in shards]
+    return run_shards(partial(_shard_work, seed=seed), setup, shards, out_dir, use_ray=use_ray,
+                      num_gpus=num_gpus, log=log, what="adversarial")
 
 
-def _run_with_ray(setup: Setup, todo: list[Shard], shard_dir: Path, num_gpus: float, log, seed: int) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=3)(_remote_shard)
-    setup_ref = ray.put(setup)
-    pending = {remote.remote(setup_ref, shard, seed): shard for shard in todo}
-    done = 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        shard = pending.pop(ready[0])
-        _write_shard(shard_dir, ray.get(ready[0]))
-        done += 1
-        log(f"adversarial: shard {done}/{len(todo)} {shard.name} done")
-
-
-def _remote_shard(setup: Setup, shard: Shard, seed: int) -> dict:
-    if torch.cuda.is_available():
+def _shard_work(setup: Setup, shard: Shard, seed: int) -> dict:
+    if torch.cuda.is_available() and _device(setup.net).type != "cuda":
         setup.net.to("cuda")
-    torch.set_num_threads(1)
     return run_shard(setup, shard, seed)
-
-
-def _write_shard(shard_dir: Path, result: dict) -> None:
-    path = shard_dir / f"{result['shard']}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
 
 
 # -- results --------------------------------------------------------------------------------------
