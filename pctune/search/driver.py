@@ -232,8 +232,10 @@ def evaluate_points(setup: TrialSetup, points: dict[str, Hyperparameters], resou
 
 
 # -- the search ---------------------------------------------------------------------------------
-def run_search(job: Job, log: Log = _print) -> dict[str, Any]:
-    """Run (or resume) the job's search; returns the summary written by :mod:`pctune.search.results`."""
+def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) the job's search; returns the summary written by :mod:`pctune.search.results`.
+
+    ``callbacks``: extra Ray Tune callbacks (e.g. experiment tracking) added to every stage."""
     run_dir = job.run_dir
     _claim_run_dir(job, run_dir, log)
     prep = prepare(job, log)
@@ -245,9 +247,9 @@ def run_search(job: Job, log: Log = _print) -> dict[str, Any]:
         f"{job.search.max_concurrent_trials} at a time) on {len(prep.labels)} images; results in {run_dir}")
     references = _references(prep, setup, run_dir, log)
     if job.search.strategy == "joint":
-        _run_stage(prep, setup, "joint", prep.space, prep.starting_points, log)
+        _run_stage(prep, setup, "joint", prep.space, prep.starting_points, log, callbacks)
     else:
-        _per_pcoder(prep, setup, run_dir, references, log)
+        _per_pcoder(prep, setup, run_dir, references, log, callbacks)
     from pctune.search.results import write_results
 
     return write_results(job, log=log)
@@ -286,7 +288,7 @@ def _references(prep: Prepared, setup: TrialSetup, run_dir: Path, log: Log) -> d
 
 
 def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace,
-               points: list[StartingPoint], log: Log):
+               points: list[StartingPoint], log: Log, callbacks: list | None = None):
     from ray.tune.search.optuna import OptunaSearch
 
     job = prep.job
@@ -313,7 +315,8 @@ def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=stage, storage_path=str(job.run_dir),
                                       verbose=1 if job.run.verbose else 0,
-                                      callbacks=[JsonLoggerCallback(), Progress(stage, job.search.num_samples)],
+                                      callbacks=[JsonLoggerCallback(), Progress(stage, job.search.num_samples),
+                                                 *(callbacks or [])],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     start = time.perf_counter()
@@ -336,7 +339,8 @@ def _stage_finished(exp_dir: Path, num_samples: int) -> bool:
     return len(trials) >= num_samples and all(t.get("status") in ("TERMINATED", "ERROR") for t in trials)
 
 
-def _per_pcoder(prep: Prepared, setup: TrialSetup, run_dir: Path, references: dict, log: Log) -> None:
+def _per_pcoder(prep: Prepared, setup: TrialSetup, run_dir: Path, references: dict, log: Log,
+                callbacks: list | None = None) -> None:
     from pctune.search.results import best_trial, load_trials
 
     defaults = prep.net.hyperparameters(prep.job.search.defaults)
@@ -350,7 +354,7 @@ def _per_pcoder(prep: Prepared, setup: TrialSetup, run_dir: Path, references: di
             coords, _ = space.encode(Hyperparameters(*zip(*mixed, strict=True)), label=point.label)
             points.append(StartingPoint(point.label, space.decode(coords), coords))
         stage = f"pcoder{n}"
-        _run_stage(prep, setup, stage, space, _unique(points), log)
+        _run_stage(prep, setup, stage, space, _unique(points), log, callbacks)
         best = best_trial(load_trials(run_dir / stage))
         if best is None:
             raise PctuneError(f"[{stage}] no trial finished")

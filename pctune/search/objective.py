@@ -39,22 +39,30 @@ def score(
 ) -> dict[str, float]:
     """Evaluate ``hparams`` on (already noisy) ``images`` on the device ``net`` lives on.
 
-    When the dynamics diverge (a NaN or inf logit), the evaluation stops and the trial is reported as
-    failed: ``diverged = 1`` and every cross-entropy set to the finite ``penalty`` (default
-    :func:`default_penalty`), so the search can rank the point and go on.
+    When the dynamics diverge (a NaN or inf logit or error), the evaluation stops and the trial is
+    reported as failed: ``diverged = 1`` and every cross-entropy set to the finite ``penalty`` (default
+    :func:`default_penalty`), so the search can rank the point and go on. A finite score at or above
+    the penalty (logits exploding without overflowing) counts as diverged too, so that a failed point
+    never ranks below a blown-up one and the samplers never see astronomically large values.
     """
     start = time.perf_counter()
     device = next(net.parameters()).device
     n_pc = net.num_pcoders
     ce_sum = torch.zeros(timesteps + 1, dtype=torch.float64)
     correct = torch.zeros(timesteps + 1, dtype=torch.float64)
-    recon = torch.zeros(n_pc, dtype=torch.float64)
+    recon = torch.zeros(timesteps + 1, n_pc, dtype=torch.float64)
     seen = 0
     diverged = False
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device, non_blocking=True)
         y = labels[i:i + batch_size].to(device, non_blocking=True)
-        result = net.run(x, timesteps, hparams, return_states=True)
+        try:
+            result = net.run(x, timesteps, hparams, return_states=True)
+        except RuntimeError as exc:  # e.g. an alpha so large that alpha * s_n overflows float32
+            if "overflow" not in str(exc):
+                raise
+            diverged = True
+            break
         logits = result.logits.float()
         if not (torch.isfinite(logits).all() and torch.isfinite(result.errors).all()):
             diverged = True
@@ -62,10 +70,10 @@ def score(
         ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(timesteps + 1), reduction="none")
         ce_sum += ce.view(timesteps + 1, -1).sum(1).double().cpu()
         correct += (logits.argmax(-1) == y).sum(1).double().cpu()
-        # errors: [T+1, N, B]; the top timesteps' errors are reported over t = 1..T.
-        recon += result.errors[1:].double().sum((0, 2)).cpu()
+        recon += result.errors.double().sum(2).cpu()  # errors: [T+1, N, B]
         seen += len(y)
-    return _metrics(ce_sum, correct, recon, seen, timesteps, diverged, penalty, logits.shape[-1], start)
+    num_classes = net(images[:1].to(device)).shape[-1] if seen == 0 else logits.shape[-1]
+    return _metrics(ce_sum, correct, recon, seen, timesteps, diverged, penalty, num_classes, start)
 
 
 def _metrics(ce_sum: Tensor, correct: Tensor, recon: Tensor, seen: int, timesteps: int, diverged: bool,
@@ -74,14 +82,21 @@ def _metrics(ce_sum: Tensor, correct: Tensor, recon: Tensor, seen: int, timestep
     count = max(seen, 1)
     ce = (ce_sum / count).tolist()
     acc = (correct / count).tolist()
-    errors = (recon / (count * timesteps)).tolist()
+    per_t = recon / count  # [T+1, N]
+    errors = per_t[1:].mean(0).tolist()
     if diverged:
         ce = [penalty] * (timesteps + 1) if seen == 0 else [ce[0]] + [penalty] * timesteps
         errors = [e if math.isfinite(e) else penalty for e in errors]
-    metrics = {METRIC: penalty if diverged else sum(ce[1:]) / timesteps, "diverged": float(diverged)}
+        per_t = torch.where(torch.isfinite(per_t), per_t, torch.full_like(per_t, penalty))
+    mean_ce = sum(ce[1:]) / timesteps
+    if not diverged and mean_ce >= penalty:  # finite but exploding logits: a failed point too
+        diverged = True
+    metrics = {METRIC: penalty if diverged else mean_ce, "diverged": float(diverged)}
     metrics.update({f"ce_t{t}": float(v) for t, v in enumerate(ce)})
     metrics.update({f"accuracy_t{t}": float(v) for t, v in enumerate(acc)})
     metrics.update({f"recon_error_pc{n}": float(v) for n, v in enumerate(errors, start=1)})
+    metrics.update({f"recon_error_pc{n}_t{t}": float(per_t[t, n - 1]) for n in range(1, len(errors) + 1)
+                    for t in range(timesteps + 1)})
     metrics["num_images"] = float(seen)
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
