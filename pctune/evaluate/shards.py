@@ -65,13 +65,13 @@ def _remote(work: Work, payload: Any, shard: Named) -> dict:
 
     maybe_fail(shard.name)
     torch.set_num_threads(1)
-    return work(payload, shard)
+    return {"pid": os.getpid(), **work(payload, shard)}
 
 
 def write_shard(shard_dir: Path, name: str, result: dict) -> None:
     path = shard_dir / f"{name}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"shard": name, "pid": os.getpid(), **result}))
+    tmp.write_text(json.dumps({"shard": name, "pid": os.getpid(), **result}))  # a worker's own pid wins
     tmp.replace(path)
 
 

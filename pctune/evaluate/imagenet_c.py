@@ -1,0 +1,391 @@
+"""ImageNet-C evaluation at every timestep (``shared/spec/evaluation.md``, "ImageNet-C").
+
+Two sources, recorded with the results:
+
+- ``released``: the published tree ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``, already
+  224x224: normalization only, no second resize or crop;
+- ``generated``: corrupted on the fly from a clean ImageNet-style val folder with
+  ``imagecorruptions`` (seeded per image; in memory, not JPEG-85, so numbers differ slightly).
+
+Every (corruption, severity) is one shard (plus ``clean``), run as a Ray task and checkpointed; a
+shard stores per-image correctness at every timestep so that errors, CE, mCE, relative CE/mCE and
+paired bootstrap intervals are all computed afterwards from the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from pctune.errors import PctuneError
+from pctune.evaluate.shards import run_shards
+from pctune.pc.hyperparameters import Hyperparameters
+from pctune.pc.network import PredictiveNet
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
+
+
+@cache
+def alexnet() -> dict[str, Any]:
+    """The AlexNet reference errors (data file with its source)."""
+    with (Path(__file__).parent / "alexnet_errors.toml").open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def standard_corruptions() -> list[str]:
+    return list(alexnet()["standard"])
+
+
+def extra_corruptions() -> list[str]:
+    return list(alexnet()["extra"])
+
+
+@dataclass(frozen=True)
+class CShard:
+    corruption: str  # or "clean"
+    severity: int  # 0 for clean
+
+    @property
+    def name(self) -> str:
+        return "clean" if self.corruption == "clean" else f"{self.corruption}_s{self.severity}"
+
+
+@dataclass
+class Plan:
+    """What to evaluate: image lists per shard, the class list, and what was skipped (and why)."""
+
+    source: str  # released | generated
+    classes: list[str]
+    images: dict[str, list[tuple[str, int]]]  # shard name -> [(path, label)]
+    shards: list[CShard]
+    skipped: list[str] = field(default_factory=list)
+
+
+# -- finding the images ---------------------------------------------------------------------------
+def _class_images(folder: Path, classes: list[str] | None) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+    """(images with labels, class folders found, notes) of one ``<wnid>/*`` folder."""
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    index = {c: i for i, c in enumerate(classes if classes is not None else found)}
+    notes = []
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise PctuneError(f"{folder}: class folder {unknown[0]!r} is not in the model's class list")
+    images = []
+    for wnid in found:
+        files = sorted(p for p in (folder / wnid).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images.extend((str(p), index[wnid]) for p in files)
+    if classes is not None and len(found) < len(classes):
+        missing = [c for c in classes if c not in set(found)]
+        notes.append(f"{folder}: {len(missing)} of {len(classes)} classes missing (e.g. {missing[0]})")
+    return images, found, notes
+
+
+def plan_released(root: str | Path, corruptions: Sequence[str], severities: Sequence[int],
+                  clean: str | Path | None, num_classes: int, classes: list[str] | None = None) -> Plan:
+    """Scan the released layout; missing corruptions/severities/classes become listed skips."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PctuneError(f"{root}: no such directory")
+    if not any((root / c).is_dir() for c in corruptions):
+        raise PctuneError(f"{root}: none of the corruption folders ({corruptions[0]}, ...) exist; "
+                          "expected <root>/<corruption>/<severity>/<wnid>/<image>")
+    if classes is None:
+        classes = sorted({p.name for c in corruptions for s in severities
+                          for p in (root / c / str(s)).glob("*") if p.is_dir()})
+    _check_classes(classes, num_classes, root)
+    plan = Plan("released", classes, {}, [])
+    for c in corruptions:
+        for s in severities:
+            folder = root / c / str(s)
+            if not folder.is_dir():
+                plan.skipped.append(f"{c}/{s}: missing ({folder})")
+                continue
+            images, _, notes = _class_images(folder, classes)
+            plan.skipped.extend(notes)
+            if not images:
+                plan.skipped.append(f"{c}/{s}: no images")
+                continue
+            shard = CShard(c, s)
+            plan.shards.append(shard)
+            plan.images[shard.name] = images
+    if clean is not None:
+        _add_clean(plan, Path(clean))
+    return plan
+
+
+def plan_generated(clean: str | Path, corruptions: Sequence[str], severities: Sequence[int], num_classes: int,
+                   num_images: int | None = None, seed: int = 0) -> Plan:
+    """Every (corruption, severity) of the clean val folder, corrupted on the fly."""
+    clean = Path(clean)
+    if not clean.is_dir():
+        raise PctuneError(f"{clean}: no such directory")
+    images, classes, _ = _class_images(clean, None)
+    _check_classes(classes, num_classes, clean)
+    if not images:
+        raise PctuneError(f"{clean}: no images")
+    if num_images is not None and num_images < len(images):
+        gen = torch.Generator().manual_seed(seed)
+        keep = sorted(torch.randperm(len(images), generator=gen)[:num_images].tolist())
+        images = [images[i] for i in keep]
+    plan = Plan("generated", classes, {}, [])
+    unknown = [c for c in corruptions if c not in alexnet()["errors"]]
+    if unknown:
+        raise PctuneError(f"unknown corruption {unknown[0]!r}")
+    for c in corruptions:
+        for s in severities:
+            shard = CShard(c, s)
+            plan.shards.append(shard)
+            plan.images[shard.name] = images
+    plan.shards.append(CShard("clean", 0))
+    plan.images["clean"] = images
+    return plan
+
+
+def _add_clean(plan: Plan, clean: Path) -> None:
+    images, _, notes = _class_images(clean, plan.classes)
+    plan.skipped.extend(notes)
+    plan.shards.append(CShard("clean", 0))
+    plan.images["clean"] = images
+
+
+def _check_classes(classes: list[str], num_classes: int, where: Path) -> None:
+    if len(classes) != num_classes:
+        raise PctuneError(f"{where}: the class list has {len(classes)} classes but the model predicts "
+                          f"{num_classes}; class folders are mapped to outputs in sorted order")
+
+
+# -- evaluating one shard -------------------------------------------------------------------------
+@dataclass
+class Payload:
+    net: PredictiveNet
+    hparams: Hyperparameters
+    timesteps: int
+    plan: Plan
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    batch_size: int = 64
+    workers: int = 2
+    seed: int = 0
+
+
+class _ShardImages(torch.utils.data.Dataset):
+    """Decodes (and for the generated source, corrupts) one shard's images; unreadable ones are
+    returned as flagged placeholders so they can be listed, not counted."""
+
+    def __init__(self, payload: Payload, shard: CShard) -> None:
+        self.items = payload.plan.images[shard.name]
+        self.shard = shard
+        self.generated = payload.plan.source == "generated" or shard.corruption == "clean"
+        self.size = payload.image_size
+        self.seed = payload.seed
+        self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(payload.mean, payload.std)])
+        self.prepare = transforms.Compose([transforms.Resize(round(self.size * 256 / 224)),
+                                           transforms.CenterCrop(self.size)])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if self.generated:
+                    img = self.prepare(img)
+                    if self.shard.corruption != "clean":
+                        img = _corrupt(img, self.shard, self.seed, i)
+                elif img.size != (self.size, self.size):
+                    img = transforms.CenterCrop(self.size)(img)
+                return self.normalize(img), label, True
+        except (OSError, ValueError):
+            return torch.zeros(3, self.size, self.size), label, False
+
+
+def _corrupt(img: Image.Image, shard: CShard, seed: int, index: int) -> Image.Image:
+    from imagecorruptions import corrupt
+
+    # imagecorruptions draws from numpy's global generator: seed it per image, reproducibly
+    np.random.seed((seed * 1_000_003 + hash_name(shard.name) * 7_919 + index) % (2**32))
+    out = corrupt(np.asarray(img), corruption_name=shard.corruption, severity=shard.severity)
+    return Image.fromarray(np.uint8(np.clip(out, 0, 255)))
+
+
+def hash_name(name: str) -> int:
+    """A stable (unsalted) small hash of a shard name."""
+    return sum((i + 1) * ord(ch) for i, ch in enumerate(name)) % 100_003
+
+
+def evaluate_shard(payload: Payload, shard: CShard) -> dict:
+    """Per-image correctness at every timestep for one shard."""
+    start = time.perf_counter()
+    device = next(payload.net.parameters()).device
+    if torch.cuda.is_available() and device.type != "cuda":
+        payload.net.to("cuda")
+        device = torch.device("cuda")
+    loader = torch.utils.data.DataLoader(_ShardImages(payload, shard), batch_size=payload.batch_size,
+                                         num_workers=payload.workers, pin_memory=device.type == "cuda")
+    correct, labels, skipped = [], [], []
+    position = 0
+    for x, y, ok in loader:
+        for j in (~ok).nonzero().flatten().tolist():
+            skipped.append(payload.plan.images[shard.name][position + j][0])
+        position += len(y)
+        if ok.any():
+            logits = payload.net.run(x[ok].to(device, non_blocking=True), payload.timesteps, payload.hparams)
+            correct.append((logits.argmax(-1).cpu() == y[ok]).to(torch.uint8))
+            labels.append(y[ok])
+    matrix = torch.cat(correct, dim=1) if correct else torch.zeros(payload.timesteps + 1, 0, dtype=torch.uint8)
+    return {"corruption": shard.corruption, "severity": shard.severity, "correct": matrix.tolist(),
+            "images": int(matrix.shape[1]), "skipped": skipped, "seconds": time.perf_counter() - start,
+            "source": payload.plan.source}
+
+
+def run(payload: Payload, out_dir: Path, use_ray: bool = True, num_gpus: float = 0.0,
+        log: Callable[[str], None] = print) -> list[dict]:
+    for note in payload.plan.skipped:
+        log(f"imagenet-c: skipped: {note}")
+    return run_shards(evaluate_shard, payload, payload.plan.shards, out_dir, use_ray=use_ray, num_gpus=num_gpus,
+                      log=log, what="imagenet-c")
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def error_table(results: list[dict]) -> pd.DataFrame:
+    """Top-1 error E(c, s, t) per shard and timestep."""
+    rows = []
+    for r in results:
+        matrix = np.asarray(r["correct"], dtype=float)
+        for t, acc in enumerate(matrix.mean(axis=1) if matrix.shape[1] else [math.nan] * len(matrix)):
+            rows.append({"corruption": r["corruption"], "severity": r["severity"], "timestep": t,
+                         "error": 1.0 - acc, "images": r["images"], "skipped": len(r["skipped"])})
+    return pd.DataFrame(rows)
+
+
+def ce_table(errors: pd.DataFrame) -> pd.DataFrame:
+    """Per corruption and timestep: CE (AlexNet-normalized), relative CE (needs the clean shard),
+    and CE relative to the network's own timestep 0. A corruption missing a severity gets NaN."""
+    ref = alexnet()
+    clean = errors[errors.corruption == "clean"].set_index("timestep")["error"]
+    rows = []
+    for (c, t), group in errors[errors.corruption != "clean"].groupby(["corruption", "timestep"]):
+        alex = ref["errors"][c]
+        complete = sorted(group.severity) == [1, 2, 3, 4, 5]
+        e = group.set_index("severity")["error"]
+        ce = e.sum() / sum(alex) if complete else math.nan
+        rel = ((e - clean.get(t, math.nan)).sum() / sum(a - ref["clean"] for a in alex)
+               if complete and t in clean.index else math.nan)
+        rows.append({"corruption": c, "timestep": t, "ce": ce, "relative_ce": rel,
+                     "kind": "standard" if c in ref["standard"] else "extra"})
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        t0 = table[table.timestep == 0].set_index("corruption")["ce"]
+        table["ce_over_t0"] = table.ce / table.corruption.map(t0)
+    return table
+
+
+def mce_table(ces: pd.DataFrame) -> pd.DataFrame:
+    """mCE and relative mCE per timestep over the 15 standard corruptions (NaN unless all 15 have a
+    CE), and the mean CE of the 4 extra ones, reported separately."""
+    rows = []
+    standard = set(standard_corruptions())
+    for t, group in ces.groupby("timestep"):
+        std = group[group.corruption.isin(standard)]
+        full = len(std) == len(standard) and std.ce.notna().all()
+        extra = group[group.kind == "extra"]
+        rows.append({"timestep": t, "mce": std.ce.mean() if full else math.nan,
+                     "relative_mce": std.relative_ce.mean() if full else math.nan,
+                     "mce_extra": extra.ce.mean() if len(extra) == 4 and extra.ce.notna().all() else math.nan,
+                     "standard_corruptions": int(std.ce.notna().sum())})
+    return pd.DataFrame(rows)
+
+
+def bootstrap_mce(results: list[dict], resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """95% intervals of mCE(t) and relative mCE(t), resampling the images of every shard with the same
+    draw for every timestep (paired). Each image's correctness over timesteps is a pattern of T+1
+    bits; drawing n images with replacement is a multinomial draw over the observed patterns."""
+    rng = np.random.default_rng(seed)
+    draws = {}
+    for r in results:
+        matrix = np.asarray(r["correct"], dtype=np.uint8)
+        patterns, counts = np.unique(matrix.T, axis=0, return_counts=True)
+        resampled = rng.multinomial(matrix.shape[1], counts / counts.sum(), size=resamples)  # [B, P]
+        draws[r["corruption"], r["severity"]] = 1.0 - resampled @ patterns / matrix.shape[1]  # [B, T+1]
+    ref = alexnet()
+    stacks = {"mce": [], "relative_mce": []}
+    for c in ref["standard"]:
+        if not all((c, s) in draws for s in range(1, 6)):
+            return pd.DataFrame()
+        err = sum(draws[c, s] for s in range(1, 6))  # [B, T+1]
+        stacks["mce"].append(err / sum(ref["errors"][c]))
+        if ("clean", 0) in draws:
+            denominator = sum(a - ref["clean"] for a in ref["errors"][c])
+            stacks["relative_mce"].append((err - 5 * draws["clean", 0]) / denominator)
+    out = {}
+    for key, values in stacks.items():
+        if values:
+            mean = np.mean(values, axis=0)  # [B, T+1]
+            out[f"{key}_ci_low"] = np.percentile(mean, 2.5, axis=0)
+            out[f"{key}_ci_high"] = np.percentile(mean, 97.5, axis=0)
+    frame = pd.DataFrame(out)
+    frame.insert(0, "timestep", range(len(frame)))
+    return frame
+
+
+def summarize(results: list[dict], resamples: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
+    errors = error_table(results)
+    ces = ce_table(errors)
+    mce = mce_table(ces) if not ces.empty else pd.DataFrame()
+    intervals = bootstrap_mce(results, resamples, seed)
+    if not mce.empty and not intervals.empty:
+        mce = mce.merge(intervals, on="timestep")
+    return {"errors": errors, "ce": ces, "mce": mce}
+
+
+def plot_ce_last_vs_first(ces: pd.DataFrame, path: Path) -> Path:
+    """CE per corruption at the last timestep relative to timestep 0 (the paper's Fig. S2/S3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = ces[ces.timestep == ces.timestep.max()].sort_values("corruption")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(last.corruption, last.ce_over_t0, color=["tab:blue" if k == "standard" else "tab:gray" for k in last.kind])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set(ylabel=f"CE(t={int(last.timestep.max())}) / CE(t=0)", title="CE per corruption, last vs first timestep")
+    ax.tick_params(axis="x", rotation=70)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_mce(mce: pd.DataFrame, path: Path) -> Path:
+    """mCE over timesteps with its bootstrap interval (the paper's Fig. 3b)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(mce.timestep, mce.mce, marker="o", label="mCE")
+    if "mce_ci_low" in mce:
+        ax.fill_between(mce.timestep, mce.mce_ci_low, mce.mce_ci_high, alpha=0.3, label="95% bootstrap")
+    ax.set(xlabel="timestep", ylabel="mCE (AlexNet = 1)", title="mCE over timesteps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
