@@ -70,7 +70,8 @@ class SearchTracker:
         self.search_id = search_id
         try:
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, tags={"mlflow.experimentKind": "custom_model_development"})  # the UI's runs view
         except Exception as exc:  # MLflow raises its own and requests' exception types
             raise PctuneError(f"cannot use MLflow experiment {experiment!r} at {uri}: {exc}") from None
         self.parent_id = self._find_parent()
