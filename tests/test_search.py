@@ -277,3 +277,20 @@ def test_noise_is_drawn_once_from_the_seed():
     a, b, c = add_gaussian_noise(x, 0.5, 1), add_gaussian_noise(x, 0.5, 1), add_gaussian_noise(x, 0.5, 2)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.std().item() == pytest.approx(0.5, rel=0.2)
+
+
+def test_samplers_are_selectable_and_seeded():
+    import importlib.util
+
+    import optuna
+
+    from pctune.search.driver import make_sampler
+
+    assert isinstance(make_sampler("tpe", 0, 1), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler("gp", 0, 1), optuna.samplers.GPSampler)
+    assert isinstance(make_sampler("random", 0, 1), optuna.samplers.RandomSampler)
+    if importlib.util.find_spec("cmaes") is None:
+        with pytest.raises(pctune.PctuneError, match="search.sampler = 'cmaes' needs the cmaes package"):
+            make_sampler("cmaes", 0, 1, "j.toml")
+    else:
+        assert isinstance(make_sampler("cmaes", 0, 1), optuna.samplers.CmaEsSampler)

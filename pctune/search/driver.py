@@ -179,11 +179,22 @@ def connect(address: str | None, log: Log = _print) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=_runtime_env())
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     resources = ray.cluster_resources()
     log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+
+
+def _runtime_env() -> dict:
+    """Ship this pctune package to the cluster's workers (its dependencies must be installed there), so
+    the nodes run the driver's version of the code. ``PCTUNE_SHIP_CODE=0`` turns it off (pctune is
+    installed on every node)."""
+    if os.environ.get("PCTUNE_SHIP_CODE", "1") == "0":
+        return {}
+    import pctune
+
+    return {"py_modules": [str(Path(pctune.__file__).parent)]}
 
 
 def make_sampler(name: str, seed: int, concurrent: int, source: str = "<job>"):
