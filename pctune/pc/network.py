@@ -22,11 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from pctune.errors import PctuneError
+from pctune.pc.fast_decoders import DecoderPlan
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.scaling import gradient_scale
 from pctune.pc.split import split_backbone
 
 GradMode = Literal["none", "exact", "constant-error"]
+_UNSET = object()
 
 
 @dataclass
@@ -72,6 +74,10 @@ class PredictiveNet(nn.Module):
         self._encoders: list[nn.Module] = encoders
         self._head: nn.Module = head
         self._scale_cache: dict[tuple, float] = {}
+        self._plans: dict[int, tuple[tuple[int, ...], DecoderPlan]] = {}
+        self._channels_last = False
+        self._autocast: torch.dtype | None = None
+        self._compiled: tuple[list, nn.Module, list] | None = None
         self.requires_grad_(False)
         self.eval()
 
@@ -93,6 +99,61 @@ class PredictiveNet(nn.Module):
         for encoder in self._encoders:
             x = encoder(x)
         return self._head(x)
+
+    # -- speed options ------------------------------------------------------------------------------
+    def optimize(
+        self,
+        *,
+        channels_last: bool | None = None,
+        autocast: torch.dtype | None = None,
+        compile: bool = False,
+        cudnn_benchmark: bool | None = None,
+    ) -> PredictiveNet:
+        """Choose how ``run`` executes; none of these changes what it computes beyond floating-point
+        rounding, except ``autocast`` (reduced precision, an opt-in accuracy trade). Returns ``self``.
+
+        channels_last: keep weights and activations in NHWC. Default: on for CUDA, off elsewhere (on
+            a CPU it measured no faster). autocast: ``torch.bfloat16`` or ``torch.float16`` runs the
+            convolutions and matrix products in that precision (``None``: full precision).
+            compile: ``torch.compile`` the encoders, the head and the decoders (inference only;
+            the first run pays the compilation). cudnn_benchmark: let cuDNN pick the fastest
+            kernels for the shapes it sees (default: on when the model is on a CUDA device; a
+            process-wide setting).
+        """
+        device = next(self.parameters()).device
+        if channels_last is None:
+            channels_last = device.type == "cuda"
+        self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self._channels_last = channels_last
+        if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+            raise PctuneError(f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}")
+        self._autocast = autocast
+        if cudnn_benchmark is None:
+            cudnn_benchmark = device.type == "cuda"
+        if cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        if compile:
+            self._compiled = ([torch.compile(e, dynamic=False) for e in self._encoders],
+                              torch.compile(self._head, dynamic=False),
+                              [torch.compile(d, dynamic=False) for d in self.decoders])
+        else:
+            self._compiled = None
+        return self
+
+    def _pieces(self, grad_mode: str) -> tuple[list, nn.Module, list]:
+        """(encoders, head, decoders) as ``run`` calls them: compiled ones only for inference."""
+        if self._compiled is not None and grad_mode == "none":
+            return self._compiled
+        return self._encoders, self._head, list(self.decoders)
+
+    def _decoder_plan(self, n: int) -> DecoderPlan:
+        decoder = self.decoders[n]
+        key = tuple(id(m) for m in decoder.modules())
+        cached = self._plans.get(n)
+        if cached is None or cached[0] != key:
+            cached = (key, DecoderPlan(decoder))
+            self._plans[n] = cached
+        return cached[1]
 
     def hyperparameters(self, hparams: Hyperparameters | str | dict | None = None) -> Hyperparameters:
         """Resolve ``hparams`` (an object, a preset name such as ``"default"``, a mapping, or None for
@@ -141,6 +202,7 @@ class PredictiveNet(nn.Module):
         *,
         return_states: bool = False,
         grad_mode: GradMode = "none",
+        autocast: torch.dtype | object | None = _UNSET,
     ) -> Tensor | RunResult:
         """Run the dynamics for ``timesteps`` steps after the feedforward pass.
 
@@ -151,15 +213,31 @@ class PredictiveNet(nn.Module):
         ``grad_mode``: ``"none"`` for inference; ``"exact"`` keeps the whole computation
         differentiable, the error-correction term included (double backward); ``"constant-error"``
         is differentiable but treats the error gradient G as a constant, like the reference package.
+
+        ``autocast``: ``torch.bfloat16``/``torch.float16`` for reduced-precision convolutions (returned
+        tensors are float32), ``None`` for full precision; default: what :meth:`optimize` chose.
         """
         if timesteps < 0:
             raise PctuneError(f"timesteps must be >= 0, got {timesteps}")
         if grad_mode not in ("none", "exact", "constant-error"):
             raise PctuneError(f"grad_mode must be 'none', 'exact' or 'constant-error', got {grad_mode!r}")
         hp = self.hyperparameters(hparams)
+        if autocast is _UNSET:
+            autocast = self._autocast
+        if self._channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         context = torch.no_grad() if grad_mode == "none" else torch.enable_grad()
-        with context:
-            return _Dynamics(self, hp, grad_mode, return_states).run(x, timesteps)
+        with context, torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            result = _Dynamics(self, hp, grad_mode, return_states).run(x, timesteps)
+        if autocast is None:
+            return result
+        if isinstance(result, RunResult):
+            return RunResult(result.logits.float(), result.reconstructions.float(), result.errors.float())
+        return result.float()
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _Dynamics:
@@ -171,6 +249,7 @@ class _Dynamics:
         self.beta, self.lam, self.alpha = hp.beta, hp.lambda_, hp.alpha
         self.grad_mode = grad_mode
         self.keep = keep
+        self.encoders, self.head, self.decoders = net._pieces(grad_mode)
         # Which pcoders must predict during timesteps 0..T-1: the prediction is fed back to the
         # pcoder below (its lambda > 0; the top pcoder's lambda is ignored) or differentiated.
         self.feeds_back = [n > 0 and self.lam[n - 1] > 0 for n in range(self.n)]
@@ -190,7 +269,7 @@ class _Dynamics:
             step_errors = []
             for n in range(n_pc):
                 if t == 0:
-                    rep = self.net._encoders[n](below)
+                    rep = self.encoders[n](below)
                     if self.net.gradient_scaling and self.corrects[n]:
                         scales[n] = self.net._scale(n, rep, below)
                 else:
@@ -201,7 +280,7 @@ class _Dynamics:
                 preds[n], grads[n], err = self._predict(n, rep, below, want_pred, want_grad)
                 step_errors.append(err)
                 below = rep
-            logits.append(self.net._head(below))
+            logits.append(self.head(below))
             if self.keep:
                 recon.append(preds[0])
                 errors.append(torch.stack(step_errors))
@@ -217,12 +296,33 @@ class _Dynamics:
         Terms whose coefficient is zero are not computed."""
         beta = self.beta[n]
         lam = self.lam[n] if n < self.n - 1 else 0.0
+        memory = 1.0 - beta - lam
+        step = self.alpha[n] * scale
+        if self.grad_mode == "none":
+            # Inference: accumulate in place into the first fresh term (the same sums, no temporaries).
+            if beta != 0:
+                rep = self.encoders[n](below)
+                if _shares_memory(rep, below):  # an encoder that returns (a view of) its input
+                    rep = rep.clone()
+                if beta != 1:
+                    rep.mul_(beta)
+                if lam != 0:
+                    rep.add_(preds[n + 1], alpha=lam)
+            elif lam != 0:
+                rep = torch.mul(preds[n + 1], lam)
+            else:
+                rep = torch.mul(previous, memory) if memory != 0 else torch.zeros_like(previous)
+                memory = 0.0
+            if memory != 0:
+                rep.add_(previous, alpha=memory)
+            if step != 0:
+                rep.add_(grad, alpha=-step)
+            return rep
         terms = []
         if beta != 0:
-            terms.append(beta * self.net._encoders[n](below))
+            terms.append(beta * self.encoders[n](below))
         if lam != 0:
             terms.append(lam * preds[n + 1])
-        memory = 1.0 - beta - lam
         if memory != 0:
             terms.append(memory * previous)
         if not terms:
@@ -230,15 +330,15 @@ class _Dynamics:
         rep = terms[0]
         for term in terms[1:]:
             rep = rep + term
-        if self.alpha[n] != 0:
-            rep = rep - (self.alpha[n] * scale) * grad
+        if step != 0:
+            rep = rep - step * grad
         return rep
 
     def _predict(self, n: int, rep: Tensor, target: Tensor, want_pred: bool, want_grad: bool):
         """p_n = g_n(e_n), and when wanted G_n = d eps_n / d e_n and eps_n per image."""
         if not (want_pred or want_grad):
             return None, None, None
-        decoder = self.net.decoders[n]
+        decoder = self.decoders[n]
         per_elem = 2.0 / target[0].numel()
         if self.grad_mode == "exact":
             source = rep if rep.requires_grad else rep.detach().requires_grad_(True)
@@ -255,12 +355,13 @@ class _Dynamics:
             grad = self._constant_grad(decoder, rep, target, per_elem) if want_grad else None
             err = (pred - target).detach().square().flatten(1).mean(1) if self.keep else None
             return pred, grad, err
-        # Inference: the VJP of the decoder with the per-image error's output gradient.
+        # Inference: the decoder's VJP with the per-image error's output gradient, computed layer by
+        # layer without an autograd graph (pctune.pc.fast_decoders).
         if want_grad:
-            grad, pred, diff = self._vjp(decoder, rep, target, per_elem)
+            pred, grad, diff = self.net._decoder_plan(n).forward_vjp(rep, target, per_elem)
         else:
             grad = None
-            pred = decoder(rep)
+            pred = decoder(rep) if self.net._compiled is not None else self.net._decoder_plan(n).forward(rep)
             diff = pred - target if self.keep else None
         err = diff.square().flatten(1).mean(1) if self.keep else None
         return pred, grad, err
