@@ -16,9 +16,11 @@ unfinished ones rerun) and skips finished stages.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -304,6 +306,8 @@ def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace
 
     job = prep.job
     exp_dir = job.run_dir / stage
+    if exp_dir.is_dir():
+        setup = dataclasses.replace(setup, replay=_reported_results(exp_dir))
     trainable = tune.with_resources(tune.with_parameters(_trainable(), setup=setup),
                                     {"cpu": job.search.resources["cpu"], "gpu": job.search.resources["gpu"]})
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save state after every event: resume loses nothing
@@ -335,6 +339,18 @@ def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace
     log(f"[{stage}] {len(grid)} trials in {time.perf_counter() - start:.1f}s"
         + (f", {grid.num_errors} errored" if grid.num_errors else ""))
     return grid
+
+
+_OWN_METRIC = re.compile(r"^(mean_ce|diverged|ce_t\d+|accuracy_t\d+|recon_error_pc\d+(_t\d+)?|num_images|"
+                         r"eval_seconds|model_loads|gpu)$")
+
+
+def _reported_results(exp_dir: Path) -> dict[str, dict[str, float]]:
+    """trial id -> the metrics it reported, for every trial of ``exp_dir`` with a result on disk."""
+    from pctune.search.results import load_trials
+
+    return {t["trial_id"]: {k: v for k, v in t["metrics"].items() if _OWN_METRIC.match(k)}
+            for t in load_trials(exp_dir) if t["status"] == "TERMINATED"}
 
 
 def _trainable():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,9 @@ class TrialSetup:
     timesteps: int
     batch_size: int
     penalty: float | None = None
+    # On resume: results of trials that finished just before the driver died but that the saved
+    # experiment state still lists as running. Tune reruns those; they replay their result instead.
+    replay: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def digest_arrays(arrays: dict[str, np.ndarray]) -> str:
@@ -131,6 +134,10 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Ray Tune function trainable: one evaluation, reported once."""
     from ray import tune
 
+    trial_id = tune.get_context().get_trial_id()
+    if trial_id in setup.replay:
+        tune.report({**setup.replay[trial_id], "replayed": 1.0})
+        return
     hparams = hparams_from_config(config, setup.spec.num_pcoders)
     tune.report(evaluate(setup, hparams))
 
