@@ -15,10 +15,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(directory):
-    port = free_port()
+def mlflow_server(directory, port=None):
+    port = port or free_port()
+    directory.mkdir(parents=True, exist_ok=True)
     uri = f"http://127.0.0.1:{port}"
-    log = open(directory / "server.log", "w")  # noqa: SIM115 (closed below)
+    log = open(directory / "server.log", "a")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",

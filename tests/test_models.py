@@ -142,4 +142,4 @@ def test_cli_prints_one_line_errors():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "pctune: error: unknown model 'nosuch'; known models: peffnetb0, presnet18, pvgg16"]
+        "pctune: error: unknown model 'nosuch'; known models: demo, peffnetb0, presnet18, pvgg16"]

@@ -57,6 +57,12 @@ def add_search_commands(commands) -> None:
     results.add_argument("--top", type=int, default=20, help="rows to print (0: all)")
     results.set_defaults(handler=_results)
 
+    sync = commands.add_parser("sync", help="upload to MLflow what a search logged nowhere (a server that was down)")
+    sync.add_argument("job", help="a job name in jobs/ or a job TOML path")
+    _job_flags(sync)
+    sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
+    sync.set_defaults(handler=_sync)
+
 
 def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-path", help="where runs are kept (default: the job's, ./pctune_runs)")
@@ -85,12 +91,21 @@ def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from pctune.search.driver import run_search
     from pctune.search.job import load_job
+    from pctune.tracking.search import tracked_search
 
     job = load_job(args.job, job_overrides(args))
     job.resume = args.resume
-    run_search(job)
+    tracked_search(job)
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from pctune.search.job import load_job
+    from pctune.tracking.search import sync
+
+    job = load_job(args.job, job_overrides(args))
+    sync(job, args.tracking_uri)
     return 0
 
 

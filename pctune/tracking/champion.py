@@ -9,9 +9,12 @@ the logits of the last timestep.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import tempfile
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -67,7 +70,7 @@ def register_champion(uri: str, run_id: str, net: PredictiveNet, hparams: Hyperp
         if backbone_weights is not None:
             artifacts["backbone"] = str(backbone_weights)
         mlflow.set_tracking_uri(uri)
-        with mlflow.start_run(run_id=run_id):
+        with _quiet(), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="champion", python_model=PredictiveNetModel(), artifacts=artifacts,
                                            registered_model_name=model_name, pip_requirements=["pctune"])
     client = MlflowClient(tracking_uri=uri)
@@ -76,9 +79,24 @@ def register_champion(uri: str, run_id: str, net: PredictiveNet, hparams: Hyperp
     return version
 
 
+@contextmanager
+def _quiet():
+    """Hide MLflow's progress bars and its generic warning about pickled python models (ours is a
+    class of this package, loaded from its installed code)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_champion(model_name: str, uri: str, alias: str = ALIAS) -> tuple[PredictiveNet, Hyperparameters, int]:
     """The registered network, its hyperparameters and timesteps, back as pctune objects."""
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
+    with _quiet():
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
     wrapped = model.unwrap_python_model()
     return wrapped.net, wrapped.hparams, wrapped.timesteps

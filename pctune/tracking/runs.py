@@ -27,6 +27,7 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "pctune.trial_id"
 SEARCH_TAG = "pctune.search_id"
 JOB_TAG = "pctune.job"
+COMPLETE_TAG = "pctune.complete"  # set by a child run's last write
 _STEP_METRIC = re.compile(r"^(ce|accuracy)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
 _PARAM = re.compile(r"^pcoder\d+\.(beta|lambda|alpha)$")
 
@@ -97,13 +98,19 @@ class SearchTracker:
 
     # -- trials ---------------------------------------------------------------------------------------
     def logged_trials(self) -> set[str]:
-        """Trial ids that already have a child run under this search."""
+        """Trial ids that have a complete child run under this search. Children left incomplete by a
+        server that failed mid-write are deleted, so that they are logged again, once."""
         ids, token = set(), None
         while True:
             page = self.client.search_runs([self.experiment_id],
                                            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
                                            max_results=1000, page_token=token)
-            ids.update(r.data.tags.get(TRIAL_TAG) for r in page if r.data.tags.get(TRIAL_TAG))
+            for run in page:
+                trial_id = run.data.tags.get(TRIAL_TAG)
+                if trial_id and run.data.tags.get(COMPLETE_TAG) == "true" and trial_id not in ids:
+                    ids.add(trial_id)
+                elif trial_id:
+                    self.client.delete_run(run.info.run_id)
             token = page.token
             if not token:
                 return ids
@@ -123,6 +130,7 @@ class SearchTracker:
         for i in range(0, max(len(metrics), 1), 900):  # MLflow caps a batch at 1000 entries
             self.client.log_batch(run.info.run_id, metrics=metrics[i:i + 900], params=params if i == 0 else [])
         self.client.set_terminated(run.info.run_id, "FAILED" if result.get("diverged") else "FINISHED")
+        self.client.set_tag(run.info.run_id, COMPLETE_TAG, "true")
         return run.info.run_id
 
     def log_missing(self, trials: Iterable[tuple[str, Mapping, Mapping]]) -> int:
