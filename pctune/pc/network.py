@@ -280,6 +280,9 @@ class _Dynamics:
                 preds[n], grads[n], err = self._predict(n, rep, below, want_pred, want_grad)
                 step_errors.append(err)
                 below = rep
+            # (Running the head once on timesteps 1..T together would read its weights once, but a
+            # matrix product's rounding may depend on the number of rows: every timestep is kept
+            # bit-identical to the plain network when the coefficients are the feedforward ones.)
             logits.append(self.head(below))
             if self.keep:
                 recon.append(preds[0])
