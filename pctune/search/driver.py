@@ -15,6 +15,7 @@ unfinished ones rerun) and skips finished stages.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -259,12 +260,17 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
         f"trials{' per pcoder' if job.search.strategy == 'per-pcoder' else ''}, "
         f"{job.search.max_concurrent_trials} at a time) on {len(prep.labels)} images; results in {run_dir}")
     references = _references(prep, setup, run_dir, log)
-    if job.search.strategy == "joint":
-        _run_stage(prep, setup, "joint", prep.space, prep.starting_points, log, callbacks)
-    else:
-        _per_pcoder(prep, setup, run_dir, references, log, callbacks)
     from pctune.search.results import write_results
 
+    try:
+        if job.search.strategy == "joint":
+            _run_stage(prep, setup, "joint", prep.space, prep.starting_points, log, callbacks)
+        else:
+            _per_pcoder(prep, setup, run_dir, references, log, callbacks)
+    except SearchInterrupted:
+        with contextlib.suppress(PctuneError):
+            write_results(job, log=log)  # what finished so far
+        raise
     return write_results(job, log=log)
 
 
@@ -338,7 +344,32 @@ def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace
     grid = tuner.fit()
     log(f"[{stage}] {len(grid)} trials in {time.perf_counter() - start:.1f}s"
         + (f", {grid.num_errors} errored" if grid.num_errors else ""))
+    if not _stage_finished(exp_dir, job.search.num_samples) and grid.num_errors == 0:
+        done = sum(1 for t in _load_trials(exp_dir) if t["status"] == "TERMINATED")
+        raise SearchInterrupted(f"the search of {job.name} stopped after {done} of {job.search.num_samples} trials "
+                                f"({stage}); continue it with `pctune search {_job_ref(job)} --resume`")
     return grid
+
+
+def _job_ref(job: Job) -> str:
+    """How to name the job on the command line: its name when that finds the same file."""
+    from pctune.search.job import resolve_job_path
+
+    try:
+        same = resolve_job_path(job.name).resolve() == Path(job.source).resolve()
+    except PctuneError:
+        same = False
+    return job.name if same else job.source
+
+
+class SearchInterrupted(PctuneError):
+    """The search stopped early (Ctrl-C); its state is saved and ``--resume`` continues it."""
+
+
+def _load_trials(exp_dir: Path) -> list[dict]:
+    from pctune.search.results import load_trials
+
+    return load_trials(exp_dir)
 
 
 _OWN_METRIC = re.compile(r"^(mean_ce|diverged|ce_t\d+|accuracy_t\d+|recon_error_pc\d+(_t\d+)?|num_images|"
@@ -362,8 +393,10 @@ def _trainable():
 def _stage_finished(exp_dir: Path, num_samples: int) -> bool:
     from pctune.search.results import load_trials
 
-    trials = load_trials(exp_dir)
-    return len(trials) >= num_samples and all(t.get("status") in ("TERMINATED", "ERROR") for t in trials)
+    # A trial folder without a result can be an orphan of a killed driver (created after the last
+    # saved state, then re-created on restore), so count the finished ones only.
+    finished = [t for t in load_trials(exp_dir) if t["status"] in ("TERMINATED", "ERROR")]
+    return len(finished) >= num_samples
 
 
 def _per_pcoder(prep: Prepared, setup: TrialSetup, run_dir: Path, references: dict, log: Log,
@@ -440,8 +473,10 @@ class Progress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(METRIC, math.nan)
-        self.best = min(self.best, value) if math.isfinite(value) else self.best
-        done = 1 + sum(1 for t in trials if t is not trial and t.last_result and METRIC in t.last_result)
+        others = [t.last_result[METRIC] for t in trials
+                  if t is not trial and t.last_result and METRIC in t.last_result]
+        self.best = min([self.best, value, *others])  # restored trials count too
+        done = 1 + len(others)
         last_t = max((int(k[len("accuracy_t"):]) for k in result if k.startswith("accuracy_t")), default=0)
         flag = "  DIVERGED" if result.get("diverged") else ""
         print(f"[{self.stage}] trial {done}/{self.total}  mean_ce {value:.4f}  "
