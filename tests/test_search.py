@@ -298,3 +298,55 @@ def test_samplers_are_selectable_and_seeded():
             make_sampler("cmaes", 0, 1, "j.toml")
     else:
         assert isinstance(make_sampler("cmaes", 0, 1), optuna.samplers.CmaEsSampler)
+
+
+def test_an_imagenet_style_folder_job_searches_a_fixed_noisy_subset(cluster, workdir):
+    """The ImageNet path end to end on a tiny generated ImageFolder and a 3-channel demo network."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        folder = workdir / "val" / f"n0{c}"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    spec = (Path(pctune.__file__).parent / "models" / "specs" / "demo.toml").read_text()
+    spec = spec.replace('name = "demo"', 'name = "demo_rgb"').replace("in_channels = 1, width", "in_channels = 3, width")
+    spec = spec.replace("input_size = [1, 16, 16]", "input_size = [3, 16, 16]")
+    spec = spec.replace("in_channels = 16, out_channels = 1,", "in_channels = 16, out_channels = 3,")
+    (workdir / "demo_rgb.toml").write_text(spec)
+    path = workdir / "rgb.toml"
+    path.write_text(f"""
+[model]
+name = "{workdir}/demo_rgb.toml"
+[data]
+source = "imagenet-val"
+path = "{workdir}/val"
+num_images = 10
+seed = 0
+[objective]
+timesteps = 2
+batch_size = 4
+[search]
+space = "{workdir}/space.toml"
+num_samples = 2
+starting_points = []
+[run]
+storage_path = "{workdir}/runs"
+""")
+    job = load_job(path)
+    run_search(job)
+    trials = load_trials(job.run_dir / "joint")
+    assert len(trials) == 2 and all(t["metrics"]["num_images"] == 10 for t in trials)
+    frame = leaderboard(job)
+    ff = frame[frame["name"] == "feedforward"].iloc[0]
+    assert ff["mean_ce"] == pytest.approx(ff["ce_t0"], rel=1e-5)
+
+
+def test_missing_data_and_weights_are_one_line_errors_before_any_work(tmp_path, capsys):
+    assert main(["search", "pvgg16", "--storage-path", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "jobs/pvgg16.toml: data.path: data/imagenet/val: no such directory (pass --data PATH)")
+    assert main(["search", "pvgg16", "--storage-path", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "model.feedback_weights: weights/pvgg16: no such file or directory" in capsys.readouterr().err

@@ -145,7 +145,22 @@ def starting_points(job: Job, net: PredictiveNet, space: SearchSpace) -> list[St
     return points
 
 
+def check_paths(job: Job) -> None:
+    """Fail fast, before building a large model, on files the job names that do not exist."""
+    if job.data.source == "imagenet-val" and not Path(job.data.path).is_dir():
+        raise PctuneError(f"{job.source}: data.path: {job.data.path}: no such directory (pass --data PATH)")
+    weights = job.model.feedback_weights
+    for path in [weights] if isinstance(weights, str) else (weights or []):
+        if not Path(path).exists():
+            raise PctuneError(f"{job.source}: model.feedback_weights: {path}: no such file or directory "
+                              "(pass --feedback-weights PATH)")
+    if job.model.backbone_weights and not Path(job.model.backbone_weights).is_file():
+        raise PctuneError(f"{job.source}: model.backbone_weights: {job.model.backbone_weights}: no such file "
+                          "(pass --backbone-weights PATH)")
+
+
 def prepare(job: Job, log: Log = _print) -> Prepared:
+    check_paths(job)
     spec, net = build_model(job, log)
     space_path = job.space_path
     space = load_space(space_path, net.num_pcoders)
@@ -251,6 +266,7 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
 
     ``callbacks``: extra Ray Tune callbacks (e.g. experiment tracking) added to every stage."""
     run_dir = job.run_dir
+    check_paths(job)
     _claim_run_dir(job, run_dir, log)
     prep = prepare(job, log)
     connect(job.run.address, log)
