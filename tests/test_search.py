@@ -219,6 +219,12 @@ def test_results_command_writes_a_leaderboard_and_a_loadable_best_toml(cluster, 
         hp = Hyperparameters.from_mapping(tomllib.load(fh))
     net = pctune.create_model("demo")
     assert net.run(torch.zeros(2, 1, 16, 16), 2, hp).shape == (3, 2, 10)
+    from pctune.search.results import top_k
+
+    best = top_k(load_job(path), 3)
+    assert [b["rank"] for b in best] == [1, 2, 3]
+    assert best[0]["mean_ce"] <= best[1]["mean_ce"] <= best[2]["mean_ce"]
+    assert best[0]["hparams"] == hp
 
 
 def test_an_existing_search_is_not_overwritten_silently(cluster, workdir, capsys):

@@ -182,3 +182,17 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
     refs = frame[frame["kind"] == "reference"].set_index("name")[METRIC].to_dict()
     out["references"] = {k: float(v) for k, v in refs.items()}
     return out
+
+
+def top_k(job: Job, k: int | None = None) -> list[dict[str, Any]]:
+    """The ``k`` best searched configurations (default: the job's ``promotion.top_k``), best first:
+    ``{"rank", "name", "trial_id", "mean_ce", "hparams"}``; diverged trials and references excluded.
+    This is what the promotion stages read."""
+    k = job.promotion.top_k if k is None else k
+    frame = leaderboard(job)
+    if frame.empty:
+        return []
+    found = frame[(frame["kind"] != "reference") & ~frame["diverged"]].head(k)
+    return [{"rank": i, "name": row["name"], "trial_id": row.get("trial_id") if isinstance(row.get("trial_id"), str)
+             else None, METRIC: float(row[METRIC]), "hparams": row_hparams(row)}
+            for i, (_, row) in enumerate(found.iterrows(), start=1)]
