@@ -204,6 +204,23 @@ def connect(address: str | None, log: Log = _print) -> None:
     log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
 
+def check_resources(job: Job, log: Log = _print) -> None:
+    """A trial that asks for more than the cluster has would wait forever: an error on a local Ray, a
+    warning on a cluster (which may scale up)."""
+    import ray
+
+    have = ray.cluster_resources()
+    local = not (job.run.address or os.environ.get("RAY_ADDRESS"))
+    for key, ray_key, flag in (("gpu", "GPU", "--gpus-per-trial"), ("cpu", "CPU", "--cpus-per-trial")):
+        want = job.search.resources[key]
+        if want > have.get(ray_key, 0):
+            message = (f"{job.source}: search.resources.{key} = {want:g} per trial but the Ray cluster has "
+                       f"{have.get(ray_key, 0):g} (set {flag})")
+            if local:
+                raise PctuneError(message)
+            log(f"warning: {message}")
+
+
 def _runtime_env() -> dict:
     """Ship this pctune package to the cluster's workers (its dependencies must be installed there), so
     the nodes run the driver's version of the code. ``PCTUNE_SHIP_CODE=0`` turns it off (pctune is
@@ -270,6 +287,7 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
     _claim_run_dir(job, run_dir, log)
     prep = prepare(job, log)
     connect(job.run.address, log)
+    check_resources(job, log)
     setup = trial_setup(prep)
     _write_json(run_dir / "job.json", _job_record(prep))
     log(f"search: {job.name} ({job.search.strategy}, sampler {job.search.sampler}, {job.search.num_samples} "
