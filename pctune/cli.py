@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     from pctune.search.cli import add_search_commands
 
     add_search_commands(commands)
+
+    promote = commands.add_parser("promote", help="evaluate the k best configurations of a finished search")
+    promote.add_argument("job", help="a job name in jobs/ or a job TOML path")
+    promote.add_argument("--top-k", type=int, default=None, help="configurations to promote (default: the job's)")
+    promote.add_argument("--stages", default=None, help="comma-separated: imagenet-c,adversarial,noise "
+                                                        "(default: the job's [promotion] stages)")
+    promote.add_argument("--storage-path", help="where runs are kept (default: the job's, ./pctune_runs)")
+    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
+    promote.set_defaults(handler=_promote)
     return parser
 
 
@@ -98,6 +107,21 @@ def _train_feedback(args: argparse.Namespace) -> int:
                              lr=args.lr, device=args.device, checkpoint_dir=out, resume=args.resume)
     save_feedback_weights(net.cpu(), out / "feedback.pt", history=history)
     print(f"feedback weights: {out / 'feedback.pt'}  (load with create_model(..., feedback_weights=PATH))")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from pctune.promotion import promote
+    from pctune.search.job import load_job
+
+    overrides = {}
+    if args.storage_path:
+        overrides["run.storage_path"] = args.storage_path
+    if args.tracking_uri:
+        overrides["tracking.tracking_uri"] = args.tracking_uri
+    job = load_job(args.job, overrides)
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    promote(job, args.top_k, stages)
     return 0
 
 

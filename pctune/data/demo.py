@@ -137,3 +137,21 @@ def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def digits_folder(image_size: int = IMAGE_SIZE, cache_dir: str | Path | None = None) -> Path:
+    """The held-out digits as an ImageNet-style folder (``<class>/<index>.png``, RGB pixels), written
+    once into the cache; the corruption stage reads clean images from it."""
+    from PIL import Image
+
+    folder = Path(cache_dir or cache_root()) / CACHE_VERSION / f"digits-test-{image_size}"
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    pixels, labels = digits("test", image_size=image_size, normalize=False)
+    for i, (x, y) in enumerate(zip(pixels, labels.tolist(), strict=True)):
+        (folder / f"{y}").mkdir(parents=True, exist_ok=True)
+        grey = (x[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(grey).convert("RGB").save(folder / f"{y}" / f"{i:04d}.png")
+    done.write_text("ok")
+    return folder

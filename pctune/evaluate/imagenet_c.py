@@ -179,6 +179,8 @@ class Payload:
     batch_size: int = 64
     workers: int = 2
     seed: int = 0
+    channels: int = 3  # 1: corrupt in RGB, then evaluate the grey image
+    crop: bool = True  # clean images: resize to 256/224 of the size and centre-crop (ImageNet's recipe)
 
 
 class _ShardImages(torch.utils.data.Dataset):
@@ -192,8 +194,10 @@ class _ShardImages(torch.utils.data.Dataset):
         self.size = payload.image_size
         self.seed = payload.seed
         self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(payload.mean, payload.std)])
+        self.channels = payload.channels
         self.prepare = transforms.Compose([transforms.Resize(round(self.size * 256 / 224)),
-                                           transforms.CenterCrop(self.size)])
+                                           transforms.CenterCrop(self.size)]) if payload.crop else \
+            transforms.Resize((self.size, self.size))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -209,18 +213,28 @@ class _ShardImages(torch.utils.data.Dataset):
                         img = _corrupt(img, self.shard, self.seed, i)
                 elif img.size != (self.size, self.size):
                     img = transforms.CenterCrop(self.size)(img)
+                if self.channels == 1:
+                    img = img.convert("L")
                 return self.normalize(img), label, True
         except (OSError, ValueError):
-            return torch.zeros(3, self.size, self.size), label, False
+            return torch.zeros(self.channels, self.size, self.size), label, False
+
+
+MIN_CORRUPT_SIZE = 32  # imagecorruptions refuses smaller images
 
 
 def _corrupt(img: Image.Image, shard: CShard, seed: int, index: int) -> Image.Image:
+    """The seeded corruption of one image; images under 32 px are corrupted at 32 px and resized back."""
     from imagecorruptions import corrupt
 
+    size = img.size
+    if min(size) < MIN_CORRUPT_SIZE:
+        img = img.resize((max(size[0], MIN_CORRUPT_SIZE), max(size[1], MIN_CORRUPT_SIZE)), Image.BILINEAR)
     # imagecorruptions draws from numpy's global generator: seed it per image, reproducibly
     np.random.seed((seed * 1_000_003 + hash_name(shard.name) * 7_919 + index) % (2**32))
     out = corrupt(np.asarray(img), corruption_name=shard.corruption, severity=shard.severity)
-    return Image.fromarray(np.uint8(np.clip(out, 0, 255)))
+    out = Image.fromarray(np.uint8(np.clip(out, 0, 255)))
+    return out.resize(size, Image.BILINEAR) if out.size != size else out
 
 
 def hash_name(name: str) -> int:

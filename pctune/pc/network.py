@@ -15,6 +15,7 @@ timestep makes none.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +39,7 @@ class RunResult:
     logits: Tensor  # [T+1, B, classes]
     reconstructions: Tensor  # [T+1, B, *image]: the first decoder's prediction of the input
     errors: Tensor  # [T+1, N, B]: eps_n(t) per pcoder and image
+    representations: list[list[Tensor]] | None = None  # [t][n]: e_n(t), with return_representations
 
 
 class PredictiveNet(nn.Module):
@@ -110,7 +112,8 @@ class PredictiveNet(nn.Module):
         cudnn_benchmark: bool | None = None,
     ) -> PredictiveNet:
         """Choose how ``run`` executes; none of these changes what it computes beyond floating-point
-        rounding, except ``autocast`` (reduced precision, an opt-in accuracy trade). Returns ``self``.
+        rounding, except ``autocast`` (reduced precision, an opt-in accuracy trade). Every call sets
+        all the options (those not given to their defaults). Returns ``self``.
 
         channels_last: keep weights and activations in NHWC. Default: on for CUDA, off elsewhere (on
             a CPU it measured no faster). autocast: ``torch.bfloat16`` or ``torch.float16`` runs the
@@ -203,6 +206,7 @@ class PredictiveNet(nn.Module):
         return_states: bool = False,
         grad_mode: GradMode = "none",
         autocast: torch.dtype | object | None = _UNSET,
+        return_representations: bool = False,
     ) -> Tensor | RunResult:
         """Run the dynamics for ``timesteps`` steps after the feedforward pass.
 
@@ -216,6 +220,9 @@ class PredictiveNet(nn.Module):
 
         ``autocast``: ``torch.bfloat16``/``torch.float16`` for reduced-precision convolutions (returned
         tensors are float32), ``None`` for full precision; default: what :meth:`optimize` chose.
+
+        ``return_representations=True`` (implies ``return_states``) also keeps every e_n(t), for the
+        representation analyses (memory grows with T x the activations of every encoder).
         """
         if timesteps < 0:
             raise PctuneError(f"timesteps must be >= 0, got {timesteps}")
@@ -227,12 +234,17 @@ class PredictiveNet(nn.Module):
         if self._channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         context = torch.no_grad() if grad_mode == "none" else torch.enable_grad()
-        with context, torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            result = _Dynamics(self, hp, grad_mode, return_states).run(x, timesteps)
+        reduced = nullcontext() if autocast is None else torch.autocast(x.device.type, dtype=autocast)
+        with context, reduced:
+            dynamics = _Dynamics(self, hp, grad_mode, return_states or return_representations)
+            dynamics.keep_reps = return_representations
+            result = dynamics.run(x, timesteps)
         if autocast is None:
             return result
         if isinstance(result, RunResult):
-            return RunResult(result.logits.float(), result.reconstructions.float(), result.errors.float())
+            reps = None if result.representations is None else [[r.float() for r in step]
+                                                                 for step in result.representations]
+            return RunResult(result.logits.float(), result.reconstructions.float(), result.errors.float(), reps)
         return result.float()
 
 
@@ -254,6 +266,7 @@ class _Dynamics:
         # pcoder below (its lambda > 0; the top pcoder's lambda is ignored) or differentiated.
         self.feeds_back = [n > 0 and self.lam[n - 1] > 0 for n in range(self.n)]
         self.corrects = [a > 0 for a in self.alpha]
+        self.keep_reps = False
 
     def run(self, x: Tensor, timesteps: int) -> Tensor | RunResult:
         n_pc = self.n
@@ -261,7 +274,7 @@ class _Dynamics:
         preds: list[Tensor | None] = [None] * n_pc
         grads: list[Tensor | None] = [None] * n_pc
         scales = [1.0] * n_pc
-        logits, recon, errors = [], [], []
+        logits, recon, errors, kept = [], [], [], []
 
         for t in range(timesteps + 1):
             last = t == timesteps
@@ -287,11 +300,14 @@ class _Dynamics:
             if self.keep:
                 recon.append(preds[0])
                 errors.append(torch.stack(step_errors))
+            if self.keep_reps:
+                kept.append(list(reps))
 
         stacked = torch.stack(logits)
         if not self.keep:
             return stacked
-        return RunResult(logits=stacked, reconstructions=torch.stack(recon), errors=torch.stack(errors))
+        return RunResult(logits=stacked, reconstructions=torch.stack(recon), errors=torch.stack(errors),
+                         representations=kept if self.keep_reps else None)
 
     def _update(self, n: int, below: Tensor, previous: Tensor, preds: list, grad: Tensor | None,
                 scale: float) -> Tensor:

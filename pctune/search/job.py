@@ -83,10 +83,16 @@ class TrackingConfig:
     experiment: str | None = None
 
 
+PROMOTION_STAGES = ("imagenet-c", "adversarial", "noise")
+
+
 @dataclass
 class PromotionConfig:
     top_k: int = 5
     stages: list[Any] = field(default_factory=list)
+    auto: bool = True  # run the stages when the search ends (else: `pctune promote JOB`)
+    # per-stage settings: [promotion.imagenet-c], [promotion.adversarial], [promotion.noise]
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -362,8 +368,13 @@ def _tracking(r: _Reader, item: tuple[str, Mapping]) -> TrackingConfig:
 
 def _promotion(r: _Reader, item: tuple[str, Mapping]) -> PromotionConfig:
     where, t = item
-    _no_unknown(t, {"top_k", "stages"}, f"{r.source}: [{where}]")
-    cfg = PromotionConfig(top_k=r.value(t, "top_k", int, 5, where), stages=list(r.value(t, "stages", list, [], where)))
+    _no_unknown(t, {"top_k", "stages", "auto", *PROMOTION_STAGES}, f"{r.source}: [{where}]")
+    cfg = PromotionConfig(top_k=r.value(t, "top_k", int, 5, where), stages=list(r.value(t, "stages", list, [], where)),
+                          auto=r.value(t, "auto", bool, True, where),
+                          settings={s: dict(r.value(t, s, dict, {}, where)) for s in PROMOTION_STAGES})
     if cfg.top_k < 1:
         raise r.error(f"{where}.top_k", f"must be >= 1, got {cfg.top_k}")
+    for stage in cfg.stages:
+        if stage not in PROMOTION_STAGES:
+            raise r.error(f"{where}.stages", f"unknown stage {stage!r} (known: {', '.join(PROMOTION_STAGES)})")
     return cfg

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import tomllib
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def _quiet():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+            yield
     finally:
         logger.setLevel(level)
 

@@ -113,6 +113,10 @@ def tracked_search(job, log=print) -> dict[str, Any]:
         logger._warn(exc)
         return summary
     log(f"MLflow: experiment {job.tracking.experiment or job.name!r} at {uri}; browse with: {ui_command(uri)}")
+    if job.promotion.stages and job.promotion.auto:
+        from pctune.promotion import promote
+
+        summary["promotion"] = promote(job, log=log)
     return summary
 
 
