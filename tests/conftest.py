@@ -4,6 +4,15 @@ import torch
 import pctune
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_tracking(tmp_path_factory):
+    """Searches run by the tests track into a temporary SQLite store, never ./mlflow.db."""
+    import os
+
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
 @pytest.fixture(scope="session")
 def pvgg16():
     torch.manual_seed(0)
