@@ -40,6 +40,12 @@ def cluster():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _tracking_in_tmp(tmp_path, monkeypatch):
+    """`pctune search` also tracks to MLflow: keep its database out of the working directory."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Random-weight demo model files and a search space (no training: searches only need a network)."""
@@ -88,9 +94,15 @@ def _configs(job) -> list[dict]:
     return [t["config"] for t in load_trials(job.run_dir / "joint")]
 
 
-def test_a_search_samples_feasible_points_and_evaluates_starting_points_first(cluster, workdir):
+@pytest.fixture(scope="module")
+def basic(cluster, workdir):
+    """One finished search, shared by the tests that read results."""
     job = load_job(write_job(workdir, "basic", num_samples=6))
-    summary = run_search(job)
+    return job, run_search(job)
+
+
+def test_a_search_samples_feasible_points_and_evaluates_starting_points_first(basic, workdir):
+    job, summary = basic
     trials = load_trials(job.run_dir / "joint")
     assert len(trials) == 6 and all(t["status"] == "TERMINATED" for t in trials)
     space = load_space(workdir / "space.toml", 3)
@@ -208,8 +220,8 @@ def test_per_pcoder_strategy_combines_the_winners(cluster, workdir):
     assert "combination" in set(leaderboard(job)["kind"])
 
 
-def test_results_command_writes_a_leaderboard_and_a_loadable_best_toml(cluster, workdir, capsys):
-    path = workdir / "basic.toml"  # searched by the first test
+def test_results_command_writes_a_leaderboard_and_a_loadable_best_toml(basic, capsys):
+    path = Path(basic[0].source)
     assert main(["results", str(path)]) == 0
     out = capsys.readouterr().out
     assert "feedforward" in out and "best configuration" in out
@@ -227,8 +239,8 @@ def test_results_command_writes_a_leaderboard_and_a_loadable_best_toml(cluster, 
     assert best[0]["hparams"] == hp
 
 
-def test_an_existing_search_is_not_overwritten_silently(cluster, workdir, capsys):
-    path = workdir / "basic.toml"
+def test_an_existing_search_is_not_overwritten_silently(basic, capsys):
+    path = Path(basic[0].source)
     assert main(["search", str(path)]) == 2
     err = capsys.readouterr().err
     assert "already holds a search of basic: pass --resume to continue it or --overwrite" in err
