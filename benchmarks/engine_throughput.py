@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="*", default=["return_states", "channels_last", "autocast"],
                    choices=["return_states", "channels_last", "autocast", "compile"],
                    help="engine options also measured on the first model (alpha0 and alpha>0)")
+    p.add_argument("--variant-repeats", type=int, default=3)
+    p.add_argument("--skip-default", action="store_true", help="measure only the variants and sweeps")
     p.add_argument("--autocast-dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--sweep", nargs="*", default=["batch", "image", "timesteps"],
                    choices=["none", "batch", "image", "timesteps"],
@@ -311,10 +313,13 @@ def main(argv: list[str] | None = None) -> dict:
         x = images(args.batch_size, args.image_size, device)
         for reg in args.regimes:
             hp, scaling = regime(net, reg)
-            entry = measure(net, hp, scaling, x, args.timesteps, args.repeats, device)
-            record({"model": model, "regime": reg, "variant": "default", **entry})
+            net.gradient_scaling = scaling
+            if not args.skip_default:
+                entry = measure(net, hp, scaling, x, args.timesteps, args.repeats, device)
+                record({"model": model, "regime": reg, "variant": "default", **entry})
             if model != args.models[0]:
                 continue
+            default_logits = net.run(x, args.timesteps, hp)
             for variant in args.variants:
                 kwargs: dict = {}
                 precision = "fp32"
@@ -328,12 +333,15 @@ def main(argv: list[str] | None = None) -> dict:
                 elif variant == "compile":
                     net.optimize(channels_last=device.type == "cuda", compile=True)
                 try:
-                    if variant == "return_states":
-                        entry = measure(net, hp, scaling, x, args.timesteps, args.repeats, device,
-                                        with_reference=False, engine_kwargs=kwargs)
-                    else:
-                        entry = measure(net, hp, scaling, x, args.timesteps, args.repeats, device,
-                                        engine_kwargs=kwargs, warmup=2 if variant == "compile" else 1)
+                    # Variants time the engine alone (the reference's figure is in the default row)
+                    # and compare its logits with the default engine's.
+                    entry = measure(net, hp, scaling, x, args.timesteps, args.variant_repeats, device,
+                                    with_reference=False, engine_kwargs=kwargs,
+                                    warmup=2 if variant == "compile" else 1)
+                    got = net.run(x, args.timesteps, hp, **kwargs)
+                    got = got.logits if isinstance(got, pctune.RunResult) else got
+                    entry["max_rel_diff_logits_vs_default_engine"] = (
+                        (got.float() - default_logits).abs().max() / default_logits.abs().max()).item()
                     record({"model": model, "regime": reg, "variant": variant, **entry}, precision)
                 except Exception as exc:  # an optional variant may be unsupported here: report it
                     report["results"].append({"model": model, "regime": reg, "variant": variant,
@@ -391,3 +399,7 @@ def criteria(report: dict, device: torch.device) -> dict:
                 "passed_by": {k: bool(v >= need and equal) for k, v in estimates.items()},
             }
     return {"device": device.type, **found}
+
+
+if __name__ == "__main__":
+    main()
