@@ -1,5 +1,6 @@
 """A real ``mlflow server`` on a free loopback port with a SQLite backend, for the tests."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -24,7 +25,9 @@ def mlflow_server(directory, port=None):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
          "--artifacts-destination", str(directory / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT,
+        # no background job runners (seven huey processes): the tests need only the tracking API and UI
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.time() + 120
         while True:
