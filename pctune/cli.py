@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--storage-path", help="where runs are kept (default: the job's, ./pctune_runs)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
     promote.set_defaults(handler=_promote)
+
+    evaluate = commands.add_parser("evaluate", help="run one promotion stage on one configuration")
+    evaluate.add_argument("stage", choices=["imagenet-c", "adversarial", "noise"])
+    evaluate.add_argument("--model", required=True, help="a registered model name or a model spec TOML")
+    evaluate.add_argument("--hparams", required=True, help="a hyperparameter TOML (pctune results writes best.toml) "
+                                                           "or a preset name of the model")
+    evaluate.add_argument("--data", required=True, help="an ImageNet-style val folder (clean images), or 'digits'")
+    evaluate.add_argument("--out", required=True, help="output directory (shards are checkpointed there)")
+    evaluate.add_argument("--pretrained", action="store_true")
+    evaluate.add_argument("--backbone-weights", default=None)
+    evaluate.add_argument("--feedback-weights", default=None)
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="stage setting, e.g. --set timesteps=10 --set source=released --set path=DIR")
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 
@@ -122,6 +136,30 @@ def _promote(args: argparse.Namespace) -> int:
     job = load_job(args.job, overrides)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     promote(job, args.top_k, stages)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import tomllib
+    from pathlib import Path
+
+    from pctune.models import create_model
+    from pctune.pc.hyperparameters import Hyperparameters
+    from pctune.promotion import evaluate
+    from pctune.search.job import parse_assignment
+
+    net = create_model(args.model, pretrained=args.pretrained, backbone_weights=args.backbone_weights,
+                       feedback_weights=args.feedback_weights)
+    if Path(args.hparams).is_file():
+        try:
+            table = tomllib.loads(Path(args.hparams).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise PctuneError(f"{args.hparams}: invalid TOML: {exc}") from None
+        hparams = Hyperparameters.from_mapping(table, net.num_pcoders).for_pcoders(net.num_pcoders)
+    else:
+        hparams = net.hyperparameters(args.hparams)
+    settings = dict(parse_assignment(item) for item in args.set)
+    evaluate(args.stage, net, hparams, args.data, Path(args.out), settings)
     return 0
 
 

@@ -60,8 +60,10 @@ def candidates(job, top_k: int) -> list[Candidate]:
             for i, (_, row) in enumerate(found.iterrows(), start=1)]
 
 
-def load_images(job, input_size: tuple[int, int, int], num_images: int | None = None, seed: int = 0) -> Images:
-    if job.data.source == "digits":
+def load_images(source: str, path: str | None, input_size: tuple[int, int, int], num_images: int | None = None,
+                seed: int = 0, workers: int = 0) -> Images:
+    """Clean images of ``source`` ("digits" or an ImageNet-style val folder at ``path``)."""
+    if source == "digits":
         from pctune.data.demo import digits, digits_folder, digits_normalization
 
         pixels, labels = digits("test", image_size=input_size[-1], normalize=False)
@@ -73,15 +75,16 @@ def load_images(job, input_size: tuple[int, int, int], num_images: int | None = 
     from pctune.data.folders import IMAGENET_MEAN, IMAGENET_STD
 
     size = input_size[-1]
-    dataset = datasets.ImageFolder(job.data.path, transform=transforms.Compose([
+    if not path or not Path(path).is_dir():
+        raise PctuneError(f"{path}: no such image folder")
+    dataset = datasets.ImageFolder(path, transform=transforms.Compose([
         transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor()]))
     count = min(num_images or len(dataset), len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=64,
-                                         num_workers=job.data.workers)
+                                         num_workers=workers)
     xs, ys = zip(*loader, strict=True)
-    return Images(torch.cat(xs), torch.cat(ys), list(IMAGENET_MEAN), list(IMAGENET_STD), Path(job.data.path),
-                  crop=True)
+    return Images(torch.cat(xs), torch.cat(ys), list(IMAGENET_MEAN), list(IMAGENET_STD), Path(path), crop=True)
 
 
 def _subset(images: Images, num_images: int | None, seed: int) -> Images:
@@ -96,6 +99,12 @@ def stage_noise(net: PredictiveNet, cand: Candidate, images: Images, settings: d
     from pctune.evaluate.noise import noise_sweep, plot_accuracy_per_sigma
 
     timesteps = int(settings.get("timesteps", 10))
+    done = out / "noise_sweep.csv"
+    if done.is_file():  # resume: the sweep finished before
+        table = pd.read_csv(done)
+        metrics = [(f"noise_accuracy_sigma{r.sigma:g}", r.accuracy, int(r.timestep)) for r in table.itertuples()]
+        return {"table": table, "metrics": metrics,
+                "artifacts": [done, plot_accuracy_per_sigma(table, out / "accuracy_per_sigma.png")]}
     norm = (images.pixels - torch.tensor(images.mean).view(1, -1, 1, 1)) / torch.tensor(images.std).view(1, -1, 1, 1)
     table = noise_sweep(net, cand.hparams, norm, images.labels, timesteps, list(settings.get("sigmas", DEFAULT_SIGMAS)),
                         seed=int(settings.get("seed", 0)))
@@ -162,7 +171,32 @@ def stage_adversarial(net: PredictiveNet, cand: Candidate, images: Images, setti
                                                                adv.plot_success(table, out / "success.png")]}
 
 
-# -- the command ------------------------------------------------------------------------------------
+def run_stage(stage: str, net: PredictiveNet, cand: Candidate, images: Images, settings: dict, out: Path,
+              log: Log) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    if stage == "noise":
+        return stage_noise(net, cand, images, settings, out)
+    if stage == "imagenet-c":
+        return stage_imagenet_c(net, cand, images, settings, out, log)
+    if stage == "adversarial":
+        return stage_adversarial(net, cand, images, settings, out, log)
+    raise PctuneError(f"unknown stage {stage!r} (imagenet-c, adversarial or noise)")
+
+
+# -- the commands -----------------------------------------------------------------------------------
+def evaluate(stage: str, net: PredictiveNet, hparams: Hyperparameters, data: str, out: Path, settings: dict,
+             log: Log = print) -> dict:
+    """``pctune evaluate STAGE``: one configuration through one stage, without a search."""
+    source = "digits" if data == "digits" else "imagenet-val"
+    images = load_images(source, None if data == "digits" else data, net.input_size,
+                         settings.get("num_images") if stage == "noise" else None, int(settings.get("seed", 0)))
+    cand = Candidate("evaluate", "-", hparams, float("nan"))
+    result = run_stage(stage, net, cand, images, settings, out, log)
+    log(f"{stage}:\n{_brief(stage, result['table'])}\nwritten: {out}")
+    return result
+
+
+
 def promote(job, top_k: int | None = None, stages: list[str] | None = None, log: Log = print) -> dict[str, Any]:
     from pctune.search.driver import build_model
 
@@ -179,16 +213,10 @@ def promote(job, top_k: int | None = None, stages: list[str] | None = None, log:
         outputs = {}
         for stage in stages:
             cfg = settings.get(stage, {})
-            images = load_images(job, net.input_size, cfg.get("num_images") if stage == "noise" else None,
-                                 int(cfg.get("seed", 0)))
-            out = root / cand.name / stage
-            out.mkdir(parents=True, exist_ok=True)
-            if stage == "noise":
-                outputs[stage] = stage_noise(net, cand, images, cfg, out)
-            elif stage == "imagenet-c":
-                outputs[stage] = stage_imagenet_c(net, cand, images, cfg, out, log)
-            else:
-                outputs[stage] = stage_adversarial(net, cand, images, cfg, out, log)
+            images = load_images(job.data.source, job.data.path, net.input_size,
+                                 cfg.get("num_images") if stage == "noise" else None, int(cfg.get("seed", 0)),
+                                 job.data.workers)
+            outputs[stage] = run_stage(stage, net, cand, images, cfg, root / cand.name / stage, log)
             log(f"promotion: {cand.name} {stage}:\n{_brief(stage, outputs[stage]['table'])}")
         (root / cand.name / "hparams.toml").write_text(cand.hparams.to_toml())
         summary[cand.name] = {"trial": cand.trial, "mean_ce": cand.mean_ce, "stages": stages,
