@@ -112,7 +112,7 @@ def test_killed_worker_loses_only_its_shard(demo, tmp_path):
     victim = "pgd_exact_t1_00004-00008"
     marker = tmp_path / "killed"
     os.environ["PCTUNE_FAULT_SHARD"] = f"{victim}:{marker}"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         results = run_all(setup, tmp_path / "out", chunk=4, use_ray=True, log=lambda _m: None)
     finally:

@@ -93,7 +93,7 @@ def test_metrics_match_a_hand_computation_on_two_ray_workers(trees, net, tmp_pat
     corruptions = ic.standard_corruptions() + ic.extra_corruptions()
     plan = ic.plan_released(released, corruptions, range(1, 6), clean=val, num_classes=4)
     assert plan.skipped == [] and len(plan.shards) == 19 * 5 + 1
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         results = ic.run(_payload(net, plan), tmp_path, use_ray=True, log=lambda _m: None)
     finally:
@@ -142,7 +142,7 @@ def test_killed_worker_still_yields_complete_correct_results(trees, net, tmp_pat
     expected = ic.run(_payload(net, plan), tmp_path / "reference", use_ray=False, log=lambda _m: None)
     marker = tmp_path / "killed"
     os.environ["PCTUNE_FAULT_SHARD"] = f"fog_s3:{marker}"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         got = ic.run(_payload(net, plan), tmp_path / "faulty", use_ray=True, log=lambda _m: None)
     finally:

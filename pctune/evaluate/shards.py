@@ -47,7 +47,7 @@ def _with_ray(work: Work, payload: Any, todo: Sequence[Named], shard_dir: Path, 
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=3)(_remote)
     payload_ref = ray.put(payload)
     pending = {remote.remote(work, payload_ref, shard): shard for shard in todo}
@@ -61,11 +61,12 @@ def _with_ray(work: Work, payload: Any, todo: Sequence[Named], shard_dir: Path, 
 
 
 def _remote(work: Work, payload: Any, shard: Named) -> dict:
+    import ray
     import torch
 
     maybe_fail(shard.name)
     torch.set_num_threads(1)
-    return {"pid": os.getpid(), **work(payload, shard)}
+    return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), **work(payload, shard)}
 
 
 def write_shard(shard_dir: Path, name: str, result: dict) -> None:

@@ -45,6 +45,10 @@ from pctune.search.trainable import TrialSetup, digest_arrays, state_arrays
 
 Log = Callable[[str], None]
 
+#: A trial whose worker or node dies is rerun (same trial id, same config) up to this many times. A
+#: diverging trial never raises (it reports a finite penalty), so only real failures are retried.
+MAX_FAILURES = 3
+
 
 def _print(message: str) -> None:
     print(message, flush=True)
@@ -199,7 +203,8 @@ def connect(address: str | None, log: Log = _print) -> None:
         log(f"connecting to the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=False, runtime_env=_runtime_env())
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # address="local": never join some other Ray that happens to run on this machine.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     resources = ray.cluster_resources()
     log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
@@ -372,7 +377,7 @@ def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace
                                       verbose=1 if job.run.verbose else 0,
                                       callbacks=[JsonLoggerCallback(), Progress(stage, job.search.num_samples),
                                                  *(callbacks or [])],
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
         )
     start = time.perf_counter()
     grid = tuner.fit()

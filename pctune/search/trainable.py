@@ -139,7 +139,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         tune.report({**setup.replay[trial_id], "replayed": 1.0})
         return
     hparams = hparams_from_config(config, setup.spec.num_pcoders)
-    tune.report(evaluate(setup, hparams))
+    # node_id: the Ray node the trial ran on (a string: kept in result.json, never an MLflow metric)
+    tune.report({**evaluate(setup, hparams), "node_id": node_id()})
+
+
+def node_id() -> str:
+    """This process's Ray node id (hex), or "" outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def evaluate_task(setup: TrialSetup, hparams_mapping: dict) -> dict[str, float]:
