@@ -16,6 +16,9 @@ from torch import Tensor
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
 
+#: A clean-vs-clean distance (sigma = 0) is zero up to rounding (1e-16): no ratio to timestep 0 then.
+_NO_DISTANCE = 1e-9
+
 
 def correlation_distance(a: Tensor, b: Tensor) -> Tensor:
     """1 - Pearson correlation per image of two batches of representations."""
@@ -58,7 +61,7 @@ def noise_sweep(net: PredictiveNet, hparams: Hyperparameters, images: Tensor, la
             for n in range(net.num_pcoders):
                 base = dist[0, n].item()
                 row[f"corr_dist_pc{n + 1}"] = dist[t, n].item()
-                row[f"corr_dist_pc{n + 1}_rel_t0"] = dist[t, n].item() / base if base > 0 else float("nan")
+                row[f"corr_dist_pc{n + 1}_rel_t0"] = dist[t, n].item() / base if base > _NO_DISTANCE else float("nan")
             rows.append(row)
     return pd.DataFrame(rows)
 
