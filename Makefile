@@ -24,6 +24,11 @@ test-deps:
 	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "note: chromium not installed; the MLflow UI test will be skipped"; }
+# tests/test_ray_up_local.py runs `ray up` with a loopback sshd as the head: openssh-server, rsync, nc.
+	@{ command -v /usr/sbin/sshd && command -v rsync && command -v nc; } >/dev/null 2>&1 || { \
+		command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync netcat-openbsd >/dev/null) \
+		|| echo "note: openssh-server/rsync/netcat-openbsd not installed; the ray up test will be skipped"; }
 
 test: lint test-deps
 	$(BIN)/python -m pytest
