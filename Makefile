@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/pctune search demo
 
 lint: install
-	$(BIN)/ruff check pctune tests benchmarks
+	$(BIN)/ruff check pctune tests benchmarks scripts
 
 # The MLflow UI test drives Debian's headless Chromium; install it where apt can (root, Debian).
 test-deps:
