@@ -522,5 +522,9 @@ class Progress(tune.Callback):
               f"acc_t{last_t} {result.get(f'accuracy_t{last_t}', math.nan):.3f}  best {self.best:.4f}  "
               f"({result.get('eval_seconds', math.nan):.2f}s){flag}", file=sys.stdout, flush=True)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(f"[{self.stage}] trial {trial.trial_id} was lost (its worker or node died); retrying it "
+              f"(failure {trial.num_failures} of at most {MAX_FAILURES})", flush=True)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[{self.stage}] trial {trial.trial_id} failed (see {trial.local_path})", flush=True)
