@@ -157,8 +157,10 @@ alpha = { low = 1e-3, high = 1e30, log = true }
     assert leaderboard(job)["mean_ce"].notna().all()
 
 
-def test_resume_after_killing_the_driver_runs_only_the_remaining_trials(cluster, workdir):
-    path = write_job(workdir, "resume", num_samples=8, images=400, timesteps=4, points='["default"]')
+@pytest.mark.parametrize("cut_state", [False, True], ids=["killed", "killed-while-saving-state"])
+def test_resume_after_killing_the_driver_runs_only_the_remaining_trials(cluster, workdir, cut_state, capsys):
+    name = "resume-cut" if cut_state else "resume"
+    path = write_job(workdir, name, num_samples=8, images=400, timesteps=4, points='["default"]')
     job = load_job(path)
     exp = job.run_dir / "joint"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -175,10 +177,16 @@ def test_resume_after_killing_the_driver_runs_only_the_remaining_trials(cluster,
         driver.wait()
     before = _finished(exp)
     assert 3 <= len(before) < 8
+    if cut_state:  # what a kill in the middle of Tune rewriting its state file leaves behind
+        state = sorted(exp.glob("experiment_state-*.json"))[-1]
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     time.sleep(2)  # let Ray notice the dead driver and release its trial actors
     resumed_at = time.time()
     job.resume = True
+    capsys.readouterr()
     run_search(job)
+    out = capsys.readouterr().out
+    assert ("restored its last complete copy" in out) == cut_state, out
     after = _finished(exp)
     assert len(after) == 8
     for folder, line in before.items():

@@ -357,6 +357,8 @@ def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace
                                     {"cpu": job.search.resources["cpu"], "gpu": job.search.resources["gpu"]})
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save state after every event: resume loses nothing
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # result.json only (no TensorBoard/CSV)
+    if exp_dir.exists():
+        repair_experiment_state(exp_dir, log)
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
         if _stage_finished(exp_dir, job.search.num_samples):
             log(f"[{stage}] already finished")
@@ -376,7 +378,7 @@ def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace
             run_config=tune.RunConfig(name=stage, storage_path=str(job.run_dir),
                                       verbose=1 if job.run.verbose else 0,
                                       callbacks=[JsonLoggerCallback(), Progress(stage, job.search.num_samples),
-                                                 *(callbacks or [])],
+                                                 StateSnapshots(exp_dir), *(callbacks or [])],
                                       failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
         )
     start = time.perf_counter()
@@ -502,6 +504,107 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _json_default(obj: Any) -> Any:
     return str(obj)
+
+
+# -- Tune's experiment state, kept safe from a killed driver ----------------------------------------
+# Tune saves its experiment-level state (experiment_state-<session>.json, the searcher's state) into a
+# staging folder after every step, rewriting the JSON in place, and copies it to the experiment folder
+# in the background. A driver killed while either happens leaves a file cut short, or files of
+# different steps; Tune then starts the experiment over, or its searcher waits forever for a trial the
+# experiment state does not know. So after every step that changed a trial, pctune snapshots the
+# staging folder's state files (complete and consistent at that moment) into one file, replaced
+# atomically, and ``--resume`` puts that snapshot back before Tune restores.
+_STATE_FILES = ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_state-*.json")
+
+
+def _state_snapshot_path(exp_dir: Path) -> Path:
+    return exp_dir.parent / f".{exp_dir.name}.tune-state.pkl"
+
+
+def _state_files(folder: Path) -> list[Path]:
+    return sorted(f for pattern in _STATE_FILES for f in folder.glob(pattern) if f.is_file())
+
+
+def _session(name: str) -> str:
+    """The driver session's start time in a state file's name (they sort in time order)."""
+    match = re.search(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", name)
+    return match.group(0) if match else ""
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def snapshot_experiment_state(staging: Path, exp_dir: Path) -> bool:
+    """Snapshot the newest session's state files of ``staging`` (Tune's driver staging folder)."""
+    import pickle
+
+    states = sorted(staging.glob(_STATE_FILES[0]))
+    if not states:
+        return False
+    session = _session(states[-1].name)
+    files = {f.name: f.read_bytes() for f in _state_files(staging) if _session(f.name) == session}
+    try:
+        json.loads(files[states[-1].name])
+    except ValueError:
+        return False
+    target = _state_snapshot_path(exp_dir)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps({"session": session, "files": files}))
+    os.replace(tmp, target)
+    return True
+
+
+def repair_experiment_state(exp_dir: Path, log: Log = _print) -> None:
+    """Before a resume: put back the last snapshot of Tune's state (see above), replacing what a killed
+    driver left in ``exp_dir``. Trials that finished after it are rerun by Tune under their own ids and
+    replayed from their results, so nothing is evaluated twice. With no snapshot and an unreadable
+    state (the driver died before its first step), the stage is moved aside and starts over."""
+    import pickle
+
+    states = sorted(exp_dir.glob(_STATE_FILES[0]))
+    damaged = bool(states) and not _parses(states[-1])
+    try:
+        snapshot = pickle.loads(_state_snapshot_path(exp_dir).read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError):
+        snapshot = None
+    if snapshot is None:
+        if damaged:
+            aside = exp_dir.with_name(f"{exp_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            exp_dir.rename(aside)
+            log(f"[{exp_dir.name}] Tune's state is unreadable and has no snapshot; moved to {aside.name}, "
+                "starting this stage over")
+        return
+    for f in _state_files(exp_dir):  # state of a later session that never got as far as a snapshot
+        if _session(f.name) > snapshot["session"]:
+            f.unlink()
+    for name, data in snapshot["files"].items():
+        (exp_dir / name).write_bytes(data)
+    if damaged:
+        log(f"[{exp_dir.name}] {states[-1].name} was cut short by the killed driver; "
+            "restored its last complete copy")
+
+
+class StateSnapshots(tune.Callback):
+    """Snapshots Tune's state after every step in which a trial changed status or reported."""
+
+    def __init__(self, exp_dir: Path) -> None:
+        self.exp_dir, self.seen = Path(exp_dir), None
+
+    def on_step_end(self, iteration, trials, **info):
+        if not trials:
+            return
+        seen = tuple((t.trial_id, t.status, len(t.last_result or {})) for t in trials)
+        if seen == self.seen:
+            return
+        storage = getattr(trials[0], "storage", None)  # Tune's StorageContext (Ray >= 2.7)
+        staging = Path(getattr(storage, "experiment_driver_staging_path", self.exp_dir))
+        if snapshot_experiment_state(staging, self.exp_dir):
+            self.seen = seen
 
 
 class Progress(tune.Callback):

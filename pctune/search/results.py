@@ -50,8 +50,13 @@ def load_trials(exp_dir: str | Path) -> list[dict[str, Any]]:
 def _last_result(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None
+    # the last complete line: a driver killed while appending leaves the last one cut short
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
 
 
 def best_trial(trials: list[dict]) -> dict | None:
