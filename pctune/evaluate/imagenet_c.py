@@ -14,6 +14,7 @@ paired bootstrap intervals are all computed afterwards from the same numbers.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import tomllib
@@ -230,11 +231,21 @@ def _corrupt(img: Image.Image, shard: CShard, seed: int, index: int) -> Image.Im
     size = img.size
     if min(size) < MIN_CORRUPT_SIZE:
         img = img.resize((max(size[0], MIN_CORRUPT_SIZE), max(size[1], MIN_CORRUPT_SIZE)), Image.BILINEAR)
-    # imagecorruptions draws from numpy's global generator: seed it per image, reproducibly
-    np.random.seed((seed * 1_000_003 + hash_name(shard.name) * 7_919 + index) % (2**32))
-    out = corrupt(np.asarray(img), corruption_name=shard.corruption, severity=shard.severity)
+    # Most corruptions draw from numpy's global generator: seed it per image, reproducibly. Those that
+    # take a `seed` (glass_blur, impulse_noise) would otherwise draw from a fresh unseeded generator.
+    image_seed = (seed * 1_000_003 + hash_name(shard.name) * 7_919 + index) % (2**32)
+    np.random.seed(image_seed)
+    kwargs = {"seed": image_seed} if _takes_seed(shard.corruption) else {}
+    out = corrupt(np.asarray(img), corruption_name=shard.corruption, severity=shard.severity, **kwargs)
     out = Image.fromarray(np.uint8(np.clip(out, 0, 255)))
     return out.resize(size, Image.BILINEAR) if out.size != size else out
+
+
+@cache
+def _takes_seed(corruption: str) -> bool:
+    from imagecorruptions.corruptions import __dict__ as functions
+
+    return "seed" in inspect.signature(functions[corruption]).parameters
 
 
 def hash_name(name: str) -> int:
