@@ -250,6 +250,17 @@ def search_cmd(cluster, uri: str, storage: Path, num_samples: int, experiment: s
             "--experiment", experiment, "--storage-path", str(storage), "--set", IMAGES, *extra]
 
 
+def watch(proc: subprocess.Popen, log: Path, what: str, condition, timeout: float = 300):
+    """Poll ``condition`` while ``proc`` runs; return its first truthy value (fail on timeout or exit)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"{what} within {timeout:g}s:\n" + log.read_text()[-3000:])
+
+
 def finished(exp: Path) -> dict[str, dict]:
     """trial folder -> its last reported result, for every trial with a result on disk."""
     out = {}
@@ -307,15 +318,11 @@ def test_a_worker_node_killed_mid_search_loses_no_trial(cluster, tracking, tmp_p
     try:
         # Kill worker_a while it is running a trial (its trial actor's title is ray::<class>.train), once
         # it has finished one already (so that both nodes have results).
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert search.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
+        def running_after_a_result():
             busy = node_a.running(".train")
-            if busy and any(r.get("node_id") == node_a.node_id for r in finished(exp).values()):
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("no trial ran on worker_a:\n" + (tmp_path / "search.log").read_text()[-3000:])
+            return busy if busy and any(r.get("node_id") == node_a.node_id for r in finished(exp).values()) else None
+
+        busy = watch(search, tmp_path / "search.log", "no trial ran on worker_a", running_after_a_result)
         node_a.kill()
         killed_at = time.time()
         print(f"killed worker_a while it ran {busy}")
@@ -355,10 +362,7 @@ def test_killed_driver_then_resume_on_the_cluster_runs_only_the_missing_trials(c
     driver = subprocess.Popen(search_cmd(cluster, tracking, storage, m, experiment), stdout=log,
                               stderr=subprocess.STDOUT, env=cluster.env, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and len(finished(exp)) < 3:
-            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.05)
+        watch(driver, tmp_path / "first.log", "fewer than 3 trials finished", lambda: len(finished(exp)) >= 3)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
