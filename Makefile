@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint test-deps
+.PHONY: install demo test lint docs test-deps
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,11 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check pctune tests benchmarks scripts
+	$(BIN)/pylint --disable=all --enable=duplicate-code pctune
+
+# The reference documentation (docs/, MkDocs + material); --strict fails on broken links.
+docs: install
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 # The MLflow UI test drives Debian's headless Chromium; install it where apt can (root, Debian).
 test-deps:
@@ -30,5 +35,5 @@ test-deps:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync netcat-openbsd >/dev/null) \
 		|| echo "note: openssh-server/rsync/netcat-openbsd not installed; the ray up test will be skipped"; }
 
-test: lint test-deps
+test: lint docs test-deps
 	$(BIN)/python -m pytest
