@@ -21,22 +21,23 @@ from pathlib import Path
 
 def _search(job, trials: int, concurrency: int) -> dict:
     from pctune.search import driver
-    from pctune.search.results import load_trials
+    from pctune.search.prepare import prepare
+    from pctune.search.rundir import load_trials
 
     job.search.num_samples = trials
     job.search.max_concurrent_trials = concurrency
     job.search.starting_points = []
-    prep = driver.prepare(job, log=lambda _m: None)
+    prep = prepare(job, log=lambda _m: None)
     setup = driver.trial_setup(prep)
     stage = f"bench_c{concurrency}"
     start = time.perf_counter()
     driver._run_stage(prep, setup, stage, prep.space, [], log=lambda _m: None)
     wall = time.perf_counter() - start
     done = load_trials(job.run_dir / stage)
-    evals = [t["metrics"]["eval_seconds"] for t in done]
+    evals = [t.metrics["eval_seconds"] for t in done]
     return {"trials": len(done), "wall_s": wall, "wall_per_trial_s": wall / len(done),
             "in_trial_eval_mean_s": statistics.mean(evals), "model_loads_max": max(
-                t["metrics"]["model_loads"] for t in done), "configs": [t["config"] for t in done], "prep": prep}
+                t.metrics["model_loads"] for t in done), "configs": [t.config for t in done], "prep": prep}
 
 
 def _bare(prep, configs: list[dict], threads: int) -> dict:

@@ -125,7 +125,7 @@ def _train_feedback(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from pctune.promotion import promote
+    from pctune.pipeline import promote
     from pctune.search.job import load_job
 
     overrides = {}
@@ -143,9 +143,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     import tomllib
     from pathlib import Path
 
+    from pctune.evaluate.stages import evaluate_one
     from pctune.models import create_model
     from pctune.pc.hyperparameters import Hyperparameters
-    from pctune.promotion import evaluate
     from pctune.search.job import parse_assignment
 
     net = create_model(args.model, pretrained=args.pretrained, backbone_weights=args.backbone_weights,
@@ -154,12 +154,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         try:
             table = tomllib.loads(Path(args.hparams).read_text())
         except tomllib.TOMLDecodeError as exc:
-            raise PctuneError(f"{args.hparams}: invalid TOML: {exc}") from None
+            raise PctuneError(f"{args.hparams}: invalid TOML: {exc}") from exc
         hparams = Hyperparameters.from_mapping(table, net.num_pcoders).for_pcoders(net.num_pcoders)
     else:
         hparams = net.hyperparameters(args.hparams)
     settings = dict(parse_assignment(item) for item in args.set)
-    evaluate(args.stage, net, hparams, args.data, Path(args.out), settings)
+    evaluate_one(args.stage, net, hparams, args.data, Path(args.out), settings)
     return 0
 
 

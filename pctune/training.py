@@ -12,8 +12,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pctune.errors import PctuneError
-from pctune.models.weights import FORMAT
+from pctune.models.weights import feedback_payload
 from pctune.pc.network import PredictiveNet
+from pctune.utils import atomic_torch_save
 
 
 def reconstruction_losses(net: PredictiveNet, images: Tensor) -> Tensor:
@@ -95,12 +96,7 @@ def _summary(record: dict) -> str:
 
 
 def _save(net: PredictiveNet, optimizer, history: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": FORMAT, "model": net.name, "encoder_modules": net.encoder_modules,
-                "decoders": net.decoders.state_dict(), "optimizer": optimizer.state_dict(),
-                "history": history}, tmp)
-    tmp.replace(path)
+    atomic_torch_save(feedback_payload(net, optimizer=optimizer.state_dict(), history=history), path)
 
 
 def _resume(net: PredictiveNet, optimizer, path: Path | None, log) -> list[dict]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pctune.search.results import load_trials
+from pctune.search.rundir import load_trials
 from tests.mlflow_server import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,12 +284,12 @@ def assert_complete(exp: Path, uri: str, experiment: str, n: int, workers: dict[
     """Exactly ``n`` trials, each once, all finished with a score, all on worker nodes; exactly one MLflow
     child run per trial."""
     trials = load_trials(exp)
-    assert len(trials) == n, [t["folder"] for t in trials]
-    ids = [t["trial_id"] for t in trials]
+    assert len(trials) == n, [t.folder for t in trials]
+    ids = [t.trial_id for t in trials]
     assert len(set(ids)) == n
-    assert all(t["status"] == "TERMINATED" and t["metrics"]["mean_ce"] > 0 for t in trials)
+    assert all(t.status == "TERMINATED" and t.metrics["mean_ce"] > 0 for t in trials)
     for t in trials:
-        assert t["metrics"].get("node_id") in workers or t["metrics"].get("replayed"), t["metrics"]
+        assert t.metrics.get("node_id") in workers or t.metrics.get("replayed"), t.metrics
     children = child_runs(uri, experiment)
     tags = [c.data.tags["pctune.trial_id"] for c in children]
     assert sorted(tags) == sorted(ids)
@@ -337,16 +337,16 @@ def test_a_worker_node_killed_mid_search_loses_no_trial(cluster, tracking, tmp_p
     assert rc == 0, out[-4000:]
     workers = cluster.worker_ids()
     trials = assert_complete(exp, tracking, experiment, n, workers)
-    on = {name: [t for t in trials if workers[t["metrics"]["node_id"]] == name] for name in workers.values()}
+    on = {name: [t for t in trials if workers[t.metrics["node_id"]] == name] for name in workers.values()}
     assert on["worker_a"] and on["worker_b"], "trials ran on both worker nodes"
     # no result from worker_a after its death: the trial it was running was lost with it, and Tune reran
     # that trial (same trial id) on worker_b
-    assert all(t["metrics"]["timestamp"] <= killed_at for t in on["worker_a"])
+    assert all(t.metrics["timestamp"] <= killed_at for t in on["worker_a"])
     retried = [line for line in out.splitlines() if "retrying" in line]
     assert retried, out[-4000:]
-    recovered = [t for t in trials if t["trial_id"] in " ".join(retried)]
-    assert recovered and all(workers[t["metrics"]["node_id"]] == "worker_b" for t in recovered)
-    assert all(t["metrics"]["timestamp"] >= int(killed_at) - 1 for t in recovered)
+    recovered = [t for t in trials if t.trial_id in " ".join(retried)]
+    assert recovered and all(workers[t.metrics["node_id"]] == "worker_b" for t in recovered)
+    assert all(t.metrics["timestamp"] >= int(killed_at) - 1 for t in recovered)
     assert "@champion" in out
 
 
@@ -382,9 +382,9 @@ def test_killed_driver_then_resume_on_the_cluster_runs_only_the_missing_trials(c
         assert after[folder]["mean_ce"] == result["mean_ce"]
         assert after[folder]["trial_id"] == result["trial_id"]
         assert after[folder]["timestamp"] == result["timestamp"] or after[folder].get("replayed") == 1
-    new = [t for t in trials if t["folder"] not in before]
+    new = [t for t in trials if t.folder not in before]
     assert len(new) == m - len(before)
-    assert all(t["metrics"]["timestamp"] >= int(resumed_at) - 1 and not t["metrics"].get("replayed") for t in new)
+    assert all(t.metrics["timestamp"] >= int(resumed_at) - 1 and not t.metrics.get("replayed") for t in new)
 
 
 def test_promotion_shards_run_on_worker_nodes_and_reach_the_driver(cluster, tracking, tmp_path):

@@ -20,6 +20,7 @@ from pctune.models import save_feedback_weights
 from pctune.search.driver import run_search
 from pctune.search.job import load_job
 from pctune.search.results import leaderboard, load_trials
+from pctune.search.rundir import RunDir
 from pctune.search.space import hparams_from_config, load_space
 
 SPACE = """
@@ -91,7 +92,7 @@ storage_path = "{root}/runs"
 
 
 def _configs(job) -> list[dict]:
-    return [t["config"] for t in load_trials(job.run_dir / "joint")]
+    return [t.config for t in load_trials(job.run_dir / "joint")]
 
 
 @pytest.fixture(scope="module")
@@ -104,19 +105,19 @@ def basic(cluster, workdir):
 def test_a_search_samples_feasible_points_and_evaluates_starting_points_first(basic, workdir):
     job, summary = basic
     trials = load_trials(job.run_dir / "joint")
-    assert len(trials) == 6 and all(t["status"] == "TERMINATED" for t in trials)
+    assert len(trials) == 6 and all(t.status == "TERMINATED" for t in trials)
     space = load_space(workdir / "space.toml", 3)
     for t in trials:
-        hp = hparams_from_config(t["config"], 3)
+        hp = hparams_from_config(t.config, 3)
         for ranges, (b, lam, a) in zip(space.pcoders, hp.triples(), strict=True):
             assert b + lam <= 1 + 1e-12
             assert ranges.beta.contains(b) and ranges.lambda_.contains(lam) and ranges.alpha.contains(a)
-        metrics = t["metrics"]
+        metrics = t.metrics
         assert {"mean_ce", "ce_t0", "ce_t2", "accuracy_t0", "accuracy_t2", "recon_error_pc1",
                 "recon_error_pc3"} <= set(metrics)
         assert metrics["mean_ce"] == pytest.approx((metrics["ce_t1"] + metrics["ce_t2"]) / 2)
         assert metrics["model_loads"] == 1  # the worker built the model once, not once per trial
-    first, second = (hparams_from_config(t["config"], 3) for t in trials[:2])
+    first, second = (hparams_from_config(t.config, 3) for t in trials[:2])
     assert first.triples()[0] == pytest.approx((0.8, 0.1, 0.01))  # "default", enqueued first
     assert second.triples()[1] == pytest.approx((0.5, 0.2, 0.05))  # the inline point, second
     frame = leaderboard(job)
@@ -148,12 +149,12 @@ alpha = { low = 1e-3, high = 1e30, log = true }
                              sampler="random", extra="gradient_scaling = true"))
     run_search(job)
     trials = load_trials(job.run_dir / "joint")
-    assert len(trials) == 6 and all(t["status"] == "TERMINATED" for t in trials)
-    diverged = [t["metrics"] for t in trials if t["metrics"]["diverged"]]
+    assert len(trials) == 6 and all(t.status == "TERMINATED" for t in trials)
+    diverged = [t.metrics for t in trials if t.metrics["diverged"]]
     assert diverged, "expected some alpha in [1e-3, 1e30] to blow up"
     penalty = json.loads((job.run_dir / "job.json").read_text())["penalty"]
     assert all(m["mean_ce"] == penalty and penalty < 1e3 for m in diverged)
-    assert not trials[0]["metrics"]["diverged"]  # the default point is sane
+    assert not trials[0].metrics["diverged"]  # the default point is sane
     assert leaderboard(job)["mean_ce"].notna().all()
 
 
@@ -219,7 +220,7 @@ def test_per_pcoder_strategy_combines_the_winners(cluster, workdir):
         trials = load_trials(job.run_dir / f"pcoder{n}")
         assert len(trials) == 2
         for t in trials:  # the other pcoders stay at the defaults
-            hp = hparams_from_config(t["config"], 3)
+            hp = hparams_from_config(t.config, 3)
             for m, triple in enumerate(hp.triples(), start=1):
                 if m != n:
                     assert triple[:1] == pytest.approx((0.8,))
@@ -239,12 +240,10 @@ def test_results_command_writes_a_leaderboard_and_a_loadable_best_toml(basic, ca
         hp = Hyperparameters.from_mapping(tomllib.load(fh))
     net = pctune.create_model("demo")
     assert net.run(torch.zeros(2, 1, 16, 16), 2, hp).shape == (3, 2, 10)
-    from pctune.search.results import top_k
-
-    best = top_k(load_job(path), 3)
-    assert [b["rank"] for b in best] == [1, 2, 3]
-    assert best[0]["mean_ce"] <= best[1]["mean_ce"] <= best[2]["mean_ce"]
-    assert best[0]["hparams"] == hp
+    best = RunDir(run_dir).ranking()[:3]
+    assert list(leaderboard(load_job(path))["rank"].dropna().head(3)) == [1, 2, 3]
+    assert best[0].mean_ce <= best[1].mean_ce <= best[2].mean_ce
+    assert best[0].hparams == hp
 
 
 def test_an_existing_search_is_not_overwritten_silently(basic, capsys):
@@ -316,7 +315,7 @@ def test_samplers_are_selectable_and_seeded():
 
     import optuna
 
-    from pctune.search.driver import make_sampler
+    from pctune.search.samplers import make_sampler
 
     assert isinstance(make_sampler("tpe", 0, 1), optuna.samplers.TPESampler)
     assert isinstance(make_sampler("gp", 0, 1), optuna.samplers.GPSampler)
@@ -366,7 +365,7 @@ storage_path = "{workdir}/runs"
     job = load_job(path)
     run_search(job)
     trials = load_trials(job.run_dir / "joint")
-    assert len(trials) == 2 and all(t["metrics"]["num_images"] == 10 for t in trials)
+    assert len(trials) == 2 and all(t.metrics["num_images"] == 10 for t in trials)
     frame = leaderboard(job)
     ff = frame[frame["name"] == "feedforward"].iloc[0]
     assert ff["mean_ce"] == pytest.approx(ff["ce_t0"], rel=1e-5)

@@ -113,7 +113,8 @@ def test_search_summary_logs_scores_csv_and_plots(server, tmp_path):
     trials = pd.DataFrame(rows)
     tracker = SearchTracker(server, "summary-test", search_id="search-3")
     run_id = tracker.start("demo", {})
-    metrics = log_search_summary(tracker, trials, {"baseline": _result(1.5), "default": _result(1.3)}, tmp_path)
+    best = trials.loc[trials.mean_ce.idxmin()].to_dict()
+    metrics = log_search_summary(tracker, trials, {"baseline": _result(1.5), "default": _result(1.3)}, tmp_path, best)
     assert metrics == {"best_mean_ce": pytest.approx(1.0 + 0.06 ** 2), "baseline_mean_ce": 1.5,
                        "default_mean_ce": 1.3}
     client = MlflowClient(server)

@@ -69,9 +69,9 @@ def test_search_runs_params_metrics_artifacts_and_champion(tracked, env):
     assert {"leaderboard.csv", "score_over_trials.png", "accuracy_per_timestep.png"} <= files
 
     # the champion loads back and reproduces its trial's score
-    from pctune.search.driver import prepare
     from pctune.search.job import load_job
     from pctune.search.objective import score
+    from pctune.search.prepare import prepare
     from pctune.tracking import load_champion
 
     os.environ["PCTUNE_CACHE"] = env["PCTUNE_CACHE"]

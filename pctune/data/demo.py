@@ -4,7 +4,6 @@ run in ``$PCTUNE_CACHE`` (default ``~/.cache/pctune``) so that later runs start 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -13,7 +12,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from pctune.errors import PctuneError
 from pctune.pc.network import PredictiveNet
+from pctune.utils import atomic_torch_save, atomic_write_json
 
 CACHE_VERSION = "demo-v2"
 IMAGE_SIZE = 16
@@ -39,7 +40,7 @@ def digits(split: str = "test", image_size: int = IMAGE_SIZE, normalize: bool = 
     mean, std = images[train_idx].mean(), images[train_idx].std()
     idx = {"train": train_idx, "test": test_idx}.get(split)
     if idx is None:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise PctuneError(f"split must be 'train' or 'test', got {split!r}")
     x = images[idx]
     if image_size != 8:
         x = nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -70,12 +71,10 @@ def ensure_demo_model(cache_dir: str | Path | None = None, log: Callable[[str], 
     net, meta = _train(seed, log)
     from pctune.models.weights import save_feedback_weights
 
-    _save_atomic(net.backbone.state_dict(), paths["backbone"])
+    atomic_torch_save(net.backbone.state_dict(), paths["backbone"])
     save_feedback_weights(net, paths["feedback"])
     meta["seconds"] = round(time.perf_counter() - start, 1)
-    tmp = paths["meta"].with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(paths["meta"])
+    atomic_write_json(paths["meta"], meta)
     log(f"demo: done in {meta['seconds']}s (clean test accuracy {meta['test_accuracy']:.1%})")
     return paths
 
@@ -131,12 +130,6 @@ def _train_classifier(model: nn.Module, x: Tensor, y: Tensor, seed: int, epochs:
             loss.backward()
             optimizer.step()
     model.eval().requires_grad_(False)
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def digits_folder(image_size: int = IMAGE_SIZE, cache_dir: str | Path | None = None) -> Path:

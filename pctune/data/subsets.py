@@ -1,4 +1,5 @@
-"""A fixed, seeded subset of an ImageNet-style validation folder, loaded into memory once."""
+"""The fixed, seeded subset of an image set: one rule for the search, the promotion stages and the
+generated ImageNet-C (asking for more images than there are is an error, never a silent cap)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,17 @@ def subset_indices(total: int, num_images: int, seed: int) -> list[int]:
     return sorted(torch.randperm(total, generator=gen)[:num_images].tolist())
 
 
-def load_val_subset(root: str | Path, num_images: int, seed: int, image_size: int = 224,
-                    workers: int = 0) -> tuple[Tensor, Tensor]:
-    """(images [N, C, H, W] normalized with the standard val transform, labels [N]) of a fixed subset
-    of the ImageFolder at ``root``."""
-    dataset = image_folder(root, split="val", image_size=image_size)
-    indices = subset_indices(len(dataset), num_images, seed)
-    subset = torch.utils.data.Subset(dataset, indices)
+def seeded_subset(total: int, num_images: int | None, seed: int) -> list[int]:
+    """:func:`subset_indices`, or every index when ``num_images`` is None."""
+    return list(range(total)) if num_images is None else subset_indices(total, num_images, seed)
+
+
+def load_val_subset(root: str | Path, num_images: int | None, seed: int, image_size: int = 224,
+                    workers: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """(images [N, C, H, W] with the standard val transform, labels [N]) of a fixed subset of the
+    ImageFolder at ``root`` (all of it for ``num_images=None``); ``normalize=False``: pixels in [0, 1]."""
+    dataset = image_folder(root, split="val", image_size=image_size, normalize=normalize)
+    subset = torch.utils.data.Subset(dataset, seeded_subset(len(dataset), num_images, seed))
     loader = torch.utils.data.DataLoader(subset, batch_size=64, shuffle=False, num_workers=workers)
     images, labels = [], []
     for x, y in loader:

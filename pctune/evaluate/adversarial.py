@@ -35,6 +35,7 @@ from pctune.evaluate.shards import run_shards
 from pctune.evaluate.unrolled import Unrolled
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
+from pctune.utils import pyplot, save_figure
 
 GRADIENT_MODES = ("exact", "constant-error", "transfer")
 
@@ -230,14 +231,8 @@ def run_all(setup: Setup, out_dir: Path, chunk: int = 50, use_ray: bool = True, 
             log: Callable[[str], None] = print, seed: int = 0) -> list[dict]:
     """Run every shard not yet in ``out_dir/shards`` (on Ray, or in this process) and return all results."""
     shards = plan_shards(setup.attacks, len(setup.labels), setup.timesteps, chunk)
-    return run_shards(partial(_shard_work, seed=seed), setup, shards, out_dir, use_ray=use_ray,
+    return run_shards(partial(run_shard, seed=seed), setup, shards, out_dir, use_ray=use_ray,
                       num_gpus=num_gpus, log=log, what="adversarial")
-
-
-def _shard_work(setup: Setup, shard: Shard, seed: int) -> dict:
-    if torch.cuda.is_available() and _device(setup.net).type != "cuda":
-        setup.net.to("cuda")
-    return run_shard(setup, shard, seed)
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -293,11 +288,7 @@ def cost_table(results: list[dict]) -> pd.DataFrame:
 
 def plot_success(table: pd.DataFrame, path: Path) -> Path:
     """Success rate over timesteps, one panel per attack, a line per (mode, epsilon)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     attacks = sorted(table.attack.unique())
     fig, axes = plt.subplots(1, len(attacks), figsize=(5 * len(attacks), 4), squeeze=False)
     for ax, attack in zip(axes[0], attacks, strict=True):
@@ -308,7 +299,4 @@ def plot_success(table: pd.DataFrame, path: Path) -> Path:
                         group.ci_high - group.success_rate], marker="o", capsize=2, label=f"{mode} eps={eps:g}")
         ax.set(title=attack, xlabel="timestep", ylabel="targeted success rate", ylim=(-0.02, 1.02))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

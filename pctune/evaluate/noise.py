@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
+from pctune.utils import pyplot, save_figure
 
 #: A clean-vs-clean distance (sigma = 0) is zero up to rounding (1e-16): no ratio to timestep 0 then.
 _NO_DISTANCE = 1e-9
@@ -68,17 +69,10 @@ def noise_sweep(net: PredictiveNet, hparams: Hyperparameters, images: Tensor, la
 
 def plot_accuracy_per_sigma(table: pd.DataFrame, path) -> object:
     """Accuracy over timesteps, one line per noise level (the paper's Fig. 2a)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for sigma, group in table.groupby("sigma"):
         ax.plot(group.timestep, group.accuracy, marker="o", label=f"sigma={sigma:g}")
     ax.set(xlabel="timestep", ylabel="accuracy", title="Accuracy over timesteps per noise level")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

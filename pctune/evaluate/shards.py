@@ -66,6 +66,10 @@ def _remote(work: Work, payload: Any, shard: Named) -> dict:
 
     maybe_fail(shard.name)
     torch.set_num_threads(1)
+    net = getattr(payload, "net", None)
+    if isinstance(net, torch.nn.Module) and torch.cuda.is_available():
+        # the task's own copy of the payload (deserialized in this worker): the caller's is untouched
+        net.to("cuda")
     return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), **work(payload, shard)}
 
 

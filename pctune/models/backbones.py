@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pctune.errors import PctuneError
+from pctune.utils import first_line
 
 
 def build_backbone(ref: str, pretrained: bool = False, weights_path: str | Path | None = None,
@@ -23,9 +24,9 @@ def build_backbone(ref: str, pretrained: bool = False, weights_path: str | Path 
     elif source == "timm":
         model = _timm(name, pretrained and weights_path is None, kwargs)
     elif source == "pctune":
-        from pctune.models import demo
+        from pctune.models.demo import build_backbone as build_demo_backbone
 
-        model = demo.build_backbone(name, **kwargs)
+        model = build_demo_backbone(name, **kwargs)
     else:
         raise PctuneError(f"unknown backbone source {source!r} in {ref!r} (torchvision, timm or pctune)")
     if weights_path is not None:
@@ -52,8 +53,8 @@ def _torchvision(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
 
     try:
         builder = torchvision.models.get_model_builder(name)
-    except ValueError:
-        raise PctuneError(f"torchvision has no model named {name!r}") from None
+    except ValueError as exc:
+        raise PctuneError(f"torchvision has no model named {name!r}") from exc
     weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
     try:
         return builder(weights=weights, **kwargs)
@@ -61,9 +62,9 @@ def _torchvision(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         if not pretrained:
             raise
         raise PctuneError(
-            f"could not fetch torchvision's pretrained weights for {name} ({_first_line(exc)}); "
+            f"could not fetch torchvision's pretrained weights for {name} ({first_line(exc)}); "
             "if this machine is offline, pass a local state dict with backbone_weights=PATH"
-        ) from None
+        ) from exc
 
 
 def _timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
@@ -77,9 +78,9 @@ def _timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         if not pretrained:
             raise
         raise PctuneError(
-            f"could not fetch timm's pretrained weights for {name} ({_first_line(exc)}); "
+            f"could not fetch timm's pretrained weights for {name} ({first_line(exc)}); "
             "if this machine is offline, pass a local state dict with backbone_weights=PATH"
-        ) from None
+        ) from exc
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
@@ -92,7 +93,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise PctuneError(f"{path}: does not match the backbone: {_first_line(exc)}") from None
+        raise PctuneError(f"{path}: does not match the backbone: {first_line(exc)}") from exc
 
 
 def _load(path: str | Path) -> Any:
@@ -102,9 +103,4 @@ def _load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise PctuneError(f"{path}: cannot be read as a PyTorch checkpoint: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise PctuneError(f"{path}: cannot be read as a PyTorch checkpoint: {first_line(exc)}") from exc

@@ -34,7 +34,7 @@ def normalize_layer(type_name: str, args: Sequence[Any], kwargs: Mapping[str, An
     try:
         bound = inspect.signature(LAYER_TYPES[type_name]).bind(*args, **kwargs)
     except TypeError as exc:
-        raise PctuneError(f"{where}: bad arguments for {type_name}: {exc}") from None
+        raise PctuneError(f"{where}: bad arguments for {type_name}: {exc}") from exc
     table = {"type": type_name}
     for key, value in bound.arguments.items():
         table[key] = list(value) if isinstance(value, tuple) else value

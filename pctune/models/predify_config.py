@@ -33,7 +33,7 @@ def parse_predictor(expression: str, where: str = "predictor") -> dict | list[di
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError as exc:
-        raise PctuneError(f"{where}: not a valid expression: {exc.msg}") from None
+        raise PctuneError(f"{where}: not a valid expression: {exc.msg}") from exc
     return _layer(tree.body, where, top=True)
 
 
@@ -75,8 +75,8 @@ def _layer(node: ast.expr, where: str, top: bool = False) -> dict | list[dict]:
 def _literal(node: ast.expr, where: str) -> Any:
     try:
         return ast.literal_eval(node)
-    except ValueError:
-        raise PctuneError(f"{where}: only literal arguments are allowed, got {ast.unparse(node)!r}") from None
+    except ValueError as exc:
+        raise PctuneError(f"{where}: only literal arguments are allowed, got {ast.unparse(node)!r}") from exc
 
 
 def spec_from_predify(data: Mapping[str, Any], source: str = "<predify config>",

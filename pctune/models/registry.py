@@ -12,7 +12,8 @@ from torch import nn
 from pctune.errors import PctuneError
 from pctune.models.backbones import build_backbone
 from pctune.models.layers import build_decoder, default_decoder
-from pctune.models.spec import ModelSpec, load_spec
+from pctune.models.predify_config import spec_from_predify
+from pctune.models.spec import ModelSpec, read_toml, spec_from_mapping
 from pctune.models.weights import load_feedback_weights
 from pctune.pc.network import PredictiveNet
 from pctune.pc.split import split_backbone
@@ -36,6 +37,14 @@ def get_spec(name: str | Path) -> ModelSpec:
     if not candidate.is_file():
         raise PctuneError(f"unknown model {str(name)!r}; known models: {', '.join(list_models())}")
     return load_spec(candidate)
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read a pctune model spec; a file in Predify's format is converted (see ``predify_config``)."""
+    data = read_toml(path)
+    if "backbone" not in data and "pcoders" in data:
+        return spec_from_predify(data, source=str(path))
+    return spec_from_mapping(data, source=str(path))
 
 
 def create_model(

@@ -45,17 +45,7 @@ def read_toml(path: str | Path) -> dict:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise PctuneError(f"{path}: invalid TOML: {exc}") from None
-
-
-def load_spec(path: str | Path) -> ModelSpec:
-    """Read a pctune model spec; a file in Predify's format is converted (see ``predify_config``)."""
-    data = read_toml(path)
-    if "backbone" not in data and "pcoders" in data:
-        from pctune.models.predify_config import spec_from_predify
-
-        return spec_from_predify(data, source=str(path))
-    return spec_from_mapping(data, source=str(path))
+        raise PctuneError(f"{path}: invalid TOML: {exc}") from exc
 
 
 def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> ModelSpec:
@@ -91,13 +81,13 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Mod
             spec.presets[preset] = Hyperparameters.from_mapping(table, spec.num_pcoders).for_pcoders(
                 spec.num_pcoders)
         except PctuneError as exc:
-            raise PctuneError(f"{where}: hyperparameters.{preset}: {exc}") from None
+            raise PctuneError(f"{where}: hyperparameters.{preset}: {exc}") from exc
     return spec
 
 
 def _input_size(value: Any, where: str) -> tuple[int, int, int]:
     try:
         c, h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise PctuneError(f"{where}: input_size must be [channels, height, width], got {value!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise PctuneError(f"{where}: input_size must be [channels, height, width], got {value!r}") from exc
     return c, h, w

@@ -7,24 +7,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pctune.errors import PctuneError
-from pctune.models.backbones import _first_line, _load
+from pctune.models.backbones import _load
 from pctune.pc.network import PredictiveNet
+from pctune.utils import atomic_torch_save, first_line
 
 FORMAT = "pctune-feedback-v1"
 
 
 def save_feedback_weights(net: PredictiveNet, path: str | Path, **extra: Any) -> None:
     """Save the decoders as a pctune feedback checkpoint (atomically: a crash leaves the old file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "model": net.name, "encoder_modules": net.encoder_modules,
-               "decoders": net.decoders.state_dict(), **extra}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_torch_save(feedback_payload(net, **extra), path)
+
+
+def feedback_payload(net: PredictiveNet, **extra: Any) -> dict[str, Any]:
+    """The decoders in pctune's feedback checkpoint format (``extra``: more entries, e.g. history)."""
+    return {"format": FORMAT, "model": net.name, "encoder_modules": net.encoder_modules,
+            "decoders": net.decoders.state_dict(), **extra}
 
 
 def load_feedback_weights(net: PredictiveNet, source: str | Path | Sequence[str | Path] | Mapping) -> None:
@@ -55,7 +54,7 @@ def _load_decoders(net: PredictiveNet, state: Any, where: str) -> None:
     try:
         net.decoders.load_state_dict(state)
     except RuntimeError as exc:
-        raise PctuneError(f"{where}: does not match {net.name}'s decoders: {_first_line(exc)}") from None
+        raise PctuneError(f"{where}: does not match {net.name}'s decoders: {first_line(exc)}") from exc
 
 
 def _predify_files(net: PredictiveNet, folder: Path) -> list[Path]:
@@ -82,4 +81,4 @@ def _load_per_pcoder(net: PredictiveNet, files: Sequence[Path]) -> None:
         try:
             net.decoders[n - 1].load_state_dict(state)
         except RuntimeError as exc:
-            raise PctuneError(f"{path}: does not match pcoder{n}'s decoder: {_first_line(exc)}") from None
+            raise PctuneError(f"{path}: does not match pcoder{n}'s decoder: {first_line(exc)}") from exc

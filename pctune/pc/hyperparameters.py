@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,14 +19,18 @@ _ALIASES = {
     "alpha": ("alpha", "pc", "erm"),
 }
 
+#: Flat parameter names, as in trial configs and MLflow params: ``pcoder3.lambda``.
+PARAM_PATTERN = re.compile(r"^pcoder(\d+)\.(beta|lambda|alpha)$")
+FIELDS = ("beta", "lambda", "alpha")
+
 
 def _as_tuple(name: str, values: Values) -> tuple[float, ...]:
     if isinstance(values, int | float):
         return (float(values),)
     try:
         return tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise PctuneError(f"{name} must be a number or a list of numbers, got {values!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise PctuneError(f"{name} must be a number or a list of numbers, got {values!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,23 @@ class Hyperparameters:
             f"pcoder{i}": {"beta": b, "lambda": l, "alpha": a}
             for i, (b, l, a) in enumerate(self.triples(), start=1)
         }
+
+    def to_params(self) -> dict[str, float]:
+        """Flat ``{"pcoder1.beta": .., "pcoder1.lambda": .., "pcoder1.alpha": .., ...}``, pcoder by pcoder."""
+        return {f"pcoder{n}.{name}": float(value) for n, triple in enumerate(self.triples(), start=1)
+                for name, value in zip(FIELDS, triple, strict=True)}
+
+    @classmethod
+    def from_params(cls, params: Mapping, num_pcoders: int | None = None) -> Hyperparameters:
+        """The inverse of :meth:`to_params`; keys that are not ``pcoder{n}.{field}`` are ignored, and
+        ``num_pcoders`` defaults to the highest pcoder number present."""
+        found = [int(m.group(1)) for k in params if (m := PARAM_PATTERN.match(str(k)))]
+        count = num_pcoders if num_pcoders is not None else max(found, default=0)
+        try:
+            cols = [[float(params[f"pcoder{n}.{name}"]) for n in range(1, count + 1)] for name in FIELDS]
+        except KeyError as exc:
+            raise PctuneError(f"trial config has no {exc.args[0]!r}") from exc
+        return cls(*cols)
 
     def to_toml(self) -> str:
         lines = []

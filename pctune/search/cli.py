@@ -91,18 +91,18 @@ def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from pctune.pipeline import search
     from pctune.search.job import load_job
-    from pctune.tracking.search import tracked_search
 
     job = load_job(args.job, job_overrides(args))
     job.resume = args.resume
-    tracked_search(job)
+    search(job)
     return 0
 
 
 def _sync(args: argparse.Namespace) -> int:
+    from pctune.pipeline import sync
     from pctune.search.job import load_job
-    from pctune.tracking.search import sync
 
     job = load_job(args.job, job_overrides(args))
     sync(job, args.tracking_uri)

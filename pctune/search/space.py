@@ -32,9 +32,8 @@ from typing import Any
 
 from pctune.errors import PctuneError
 from pctune.models.spec import read_toml
-from pctune.pc.hyperparameters import Hyperparameters
+from pctune.pc.hyperparameters import FIELDS, Hyperparameters
 
-FIELDS = ("beta", "lambda", "alpha")
 _TOL = 1e-9
 
 
@@ -327,18 +326,9 @@ class SpaceSampler:
 
 def hparams_to_config(hp: Hyperparameters) -> dict[str, float]:
     """``{"pcoder1.beta": .., "pcoder1.lambda": .., "pcoder1.alpha": .., ...}``."""
-    config = {}
-    for n, (b, lam, a) in enumerate(hp.triples(), start=1):
-        config[f"pcoder{n}.beta"] = float(b)
-        config[f"pcoder{n}.lambda"] = float(lam)
-        config[f"pcoder{n}.alpha"] = float(a)
-    return config
+    return hp.to_params()
 
 
 def hparams_from_config(config: Mapping[str, Any], num_pcoders: int) -> Hyperparameters:
     """The inverse of :func:`hparams_to_config` (extra keys are ignored)."""
-    try:
-        cols = [[float(config[f"pcoder{n}.{name}"]) for n in range(1, num_pcoders + 1)] for name in FIELDS]
-    except KeyError as exc:
-        raise PctuneError(f"trial config has no {exc.args[0]!r}") from None
-    return Hyperparameters(*cols)
+    return Hyperparameters.from_params(config, num_pcoders)

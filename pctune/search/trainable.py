@@ -60,7 +60,7 @@ def state_arrays(net: PredictiveNet) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
 
 
-def build_model(spec: ModelSpec, state: dict[str, np.ndarray] | None = None) -> PredictiveNet:
+def model_from_state(spec: ModelSpec, state: dict[str, np.ndarray] | None = None) -> PredictiveNet:
     from pctune.models.backbones import build_backbone
     from pctune.models.registry import build_from_spec
 
@@ -98,7 +98,7 @@ def materialize(setup: TrialSetup, device: torch.device) -> tuple[PredictiveNet,
     model_key = (setup.model_key, str(device))
     if model_key not in _MODELS:
         state = ray.get(setup.model_ref)
-        _MODELS[model_key] = build_model(setup.spec, state).to(device)
+        _MODELS[model_key] = model_from_state(setup.spec, state).to(device)
         STATS["model_loads"] += 1
         _trim(_MODELS)
     data_key = (setup.data_key, str(device))

@@ -1,42 +1,32 @@
-"""A promoted configuration in MLflow: a nested run under the search's run, with per-timestep
-metrics (``step=t``), the CSV of every number and the stage plots."""
+"""A promoted configuration in MLflow: one nested run under the search's run, with its stages'
+metrics (stepped by timestep) and artifacts."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from mlflow.entities import Metric, Param
 
-from pctune.tracking.search import open_tracker
-from pctune.tracking.store import resolve_tracking_uri
+from pctune.tracking.runs import PARENT_TAG, SearchTracker, log_in_batches
 
 
-def log_promotion(job, cand, outputs: dict) -> str:
-    import json
-
-    state = job.run_dir / "tracking.json"
-    uri = resolve_tracking_uri(job.tracking.tracking_uri or (json.loads(state.read_text())["uri"]
-                                                             if state.is_file() else None))
-    tracker = open_tracker(job, uri)
+def log_promotion(tracker: SearchTracker, name: str, promoted_key: str, params: Mapping[str, float],
+                  stages: Iterable[str], metrics: Iterable[tuple[str, float, int]],
+                  artifacts: Iterable[str | Path]) -> str:
+    """Log one promoted configuration (``name`` e.g. "rank1"; ``promoted_key`` its trial id, or
+    "combination") with (name, value, step) metrics; returns the run id."""
     client = tracker.client
-    tags = {"mlflow.parentRunId": tracker.parent_id, "pctune.promotion": cand.name, "pctune.trial_id_promoted":
-            cand.trial, "mlflow.runName": f"promotion-{cand.name}"}
+    tags = {PARENT_TAG: tracker.parent_id, "pctune.promotion": name, "pctune.trial_id_promoted": promoted_key,
+            "mlflow.runName": f"promotion-{name}"}
     run = client.create_run(tracker.experiment_id, tags=tags)
     now = int(time.time() * 1000)
-    params = [Param(k, repr(v)) for k, v in _hparam_params(cand.hparams).items()]
-    params.append(Param("stages", ",".join(outputs)))
-    metrics = [Metric(name, value, now, step) for out in outputs.values() for name, value, step in out["metrics"]
-               if math.isfinite(value)]
-    for i in range(0, max(len(metrics), 1), 900):
-        client.log_batch(run.info.run_id, metrics=metrics[i:i + 900], params=params if i == 0 else [])
-    for out in outputs.values():
-        for path in out["artifacts"]:
-            client.log_artifact(run.info.run_id, str(path))
+    all_params = [Param(k, repr(v)) for k, v in params.items()] + [Param("stages", ",".join(stages))]
+    log_in_batches(client, run.info.run_id, [Metric(k, v, now, step) for k, v, step in metrics if math.isfinite(v)],
+                   all_params)
+    for path in artifacts:
+        client.log_artifact(run.info.run_id, str(path))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
-
-
-def _hparam_params(hp) -> dict[str, float]:
-    return {f"pcoder{n}.{field}": value for n, triple in enumerate(hp.triples(), start=1)
-            for field, value in zip(("beta", "lambda", "alpha"), triple, strict=True)}

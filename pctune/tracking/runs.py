@@ -22,6 +22,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from pctune.errors import PctuneError
+from pctune.pc.hyperparameters import PARAM_PATTERN
+from pctune.utils import chunks, first_line
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "pctune.trial_id"
@@ -29,7 +31,6 @@ SEARCH_TAG = "pctune.search_id"
 JOB_TAG = "pctune.job"
 COMPLETE_TAG = "pctune.complete"  # set by a child run's last write
 _STEP_METRIC = re.compile(r"^(ce|accuracy)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
-_PARAM = re.compile(r"^pcoder\d+\.(beta|lambda|alpha)$")
 
 
 def trial_metrics(result: Mapping[str, Any]) -> list[tuple[str, float, int]]:
@@ -50,7 +51,13 @@ def trial_metrics(result: Mapping[str, Any]) -> list[tuple[str, float, int]]:
 
 
 def trial_params(config: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in config.items() if _PARAM.match(k)}
+    return {k: float(v) for k, v in config.items() if PARAM_PATTERN.match(k)}
+
+
+def log_in_batches(client: MlflowClient, run_id: str, metrics: list[Metric], params: list[Param]) -> None:
+    """Metrics in batches MLflow accepts (it caps a batch at 1000 entries), the params with the first."""
+    for i, batch in enumerate(chunks(metrics, 900)):
+        client.log_batch(run_id, metrics=list(batch), params=params if i == 0 else [])
 
 
 def git_commit() -> str:
@@ -74,7 +81,7 @@ class SearchTracker:
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(
                 experiment, tags={"mlflow.experimentKind": "custom_model_development"})  # the UI's runs view
         except Exception as exc:  # MLflow raises its own and requests' exception types
-            raise PctuneError(f"cannot use MLflow experiment {experiment!r} at {uri}: {exc}") from None
+            raise PctuneError(f"cannot use MLflow experiment {experiment!r} at {uri}: {first_line(exc)}") from exc
         self.parent_id = self._find_parent()
 
     # -- the parent run ---------------------------------------------------------------------------
@@ -127,8 +134,7 @@ class SearchTracker:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v, step in trial_metrics(result) if math.isfinite(v)]
         params = [Param(k, repr(v)) for k, v in trial_params(config).items()]
-        for i in range(0, max(len(metrics), 1), 900):  # MLflow caps a batch at 1000 entries
-            self.client.log_batch(run.info.run_id, metrics=metrics[i:i + 900], params=params if i == 0 else [])
+        log_in_batches(self.client, run.info.run_id, metrics, params)
         self.client.set_terminated(run.info.run_id, "FAILED" if result.get("diverged") else "FINISHED")
         self.client.set_tag(run.info.run_id, COMPLETE_TAG, "true")
         return run.info.run_id

@@ -42,4 +42,4 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 raise PctuneError(f"MLflow tracking server {uri} answered {response.status} on /health")
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise PctuneError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
+        raise PctuneError(f"MLflow tracking server {uri} is unreachable ({reason})") from exc

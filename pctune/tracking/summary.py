@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from pctune.pc.hyperparameters import PARAM_PATTERN
 from pctune.tracking.runs import SearchTracker
+from pctune.utils import pyplot, save_figure
 
 _ACC = re.compile(r"^accuracy_t(\d+)$")
-_PARAM = re.compile(r"^pcoder\d+\.(beta|lambda|alpha)$")
 
 
 def accuracy_curve(result: Mapping) -> list[float]:
@@ -25,7 +26,7 @@ def param_importances(trials: pd.DataFrame, score: str = "mean_ce") -> dict[str,
     import optuna
 
     finite = trials[pd.to_numeric(trials[score], errors="coerce").notna()]
-    params = [c for c in finite.columns if _PARAM.match(str(c)) and finite[c].nunique() > 1]
+    params = [c for c in finite.columns if PARAM_PATTERN.match(str(c)) and finite[c].nunique() > 1]
     if len(finite) < 3 or not params:
         return {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -38,21 +39,23 @@ def param_importances(trials: pd.DataFrame, score: str = "mean_ce") -> dict[str,
     return dict(optuna.importance.get_param_importances(study))
 
 
-def write_plots(trials: pd.DataFrame, references: Mapping[str, Mapping], out: Path,
+def write_plots(trials: pd.DataFrame, references: Mapping[str, Mapping], out: Path, best: Mapping | None = None,
                 score: str = "mean_ce") -> list[Path]:
-    """PNG files in ``out``: score over trials, accuracy per timestep of the best trial vs the
-    references (e.g. baseline, default), and hyperparameter importances."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """PNG files in ``out``: score over trials, accuracy per timestep of ``best`` vs the references
+    (e.g. baseline, default), and hyperparameter importances."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     ordered = trials.reset_index(drop=True)
-    values = pd.to_numeric(ordered[score], errors="coerce")
+    paths = [_plot_scores(pd.to_numeric(ordered[score], errors="coerce"), references, score,
+                          out / "score_over_trials.png"),
+             _plot_accuracy({"best": best or {}, **references}, out / "accuracy_per_timestep.png")]
+    importances = param_importances(ordered, score)
+    if importances:
+        paths.append(_plot_importances(importances, out / "param_importances.png"))
+    return paths
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def _plot_scores(values: pd.Series, references: Mapping[str, Mapping], score: str, path: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     ax.scatter(range(len(values)), values, s=12, label="trial")
     ax.plot(range(len(values)), values.cummin(), color="black", label="best so far")
     for name, result in references.items():
@@ -60,53 +63,44 @@ def write_plots(trials: pd.DataFrame, references: Mapping[str, Mapping], out: Pa
             ax.axhline(float(result[score]), linestyle="--", label=name, color=_color(name))
     ax.set(xlabel="trial", ylabel=f"{score} (lower is better)", title="Score over trials")
     ax.legend()
-    paths.append(_save(fig, out / "score_over_trials.png"))
+    return save_figure(fig, path)
 
-    best = ordered.loc[values.idxmin()].to_dict() if values.notna().any() else {}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, result in {"best": best, **references}.items():
+
+def _plot_accuracy(results: Mapping[str, Mapping], path: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for name, result in results.items():
         curve = accuracy_curve(result)
         if curve:
             ax.plot(range(len(curve)), curve, marker="o", label=name, color=_color(name))
     ax.set(xlabel="timestep", ylabel="accuracy", title="Accuracy per timestep")
     ax.legend()
-    paths.append(_save(fig, out / "accuracy_per_timestep.png"))
+    return save_figure(fig, path)
 
-    importances = param_importances(ordered, score)
-    if importances:
-        fig, ax = plt.subplots(figsize=(6, max(2.5, 0.3 * len(importances))))
-        names = list(importances)[::-1]
-        ax.barh(names, [importances[n] for n in names])
-        ax.set(xlabel="importance (fANOVA)", title="Hyperparameter importances")
-        paths.append(_save(fig, out / "param_importances.png"))
-    return paths
+
+def _plot_importances(importances: Mapping[str, float], path: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(6, max(2.5, 0.3 * len(importances))))
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names])
+    ax.set(xlabel="importance (fANOVA)", title="Hyperparameter importances")
+    return save_figure(fig, path)
 
 
 def _color(name: str) -> str | None:
     return {"best": "tab:green", "baseline": "tab:gray", "default": "tab:orange"}.get(name)
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
 def log_search_summary(tracker: SearchTracker, trials: pd.DataFrame, references: Mapping[str, Mapping],
-                       out: Path, score: str = "mean_ce") -> dict[str, float]:
-    """Log best/baseline/default scores, the best params, the leaderboard CSV and the plots."""
-    values = pd.to_numeric(trials[score], errors="coerce")
-    best = trials.loc[values.idxmin()]
-    metrics = {f"best_{score}": float(best[score])}
+                       out: Path, best: Mapping | None, score: str = "mean_ce") -> dict[str, float]:
+    """Log best/baseline/default scores, the best params, the leaderboard CSV and the plots. ``best``
+    is the winning configuration's result with its ``pcoder{n}.*`` params (the caller's ranking
+    decides it; None when nothing qualifies, e.g. every trial diverged)."""
+    metrics = {f"best_{score}": float(best[score])} if best else {}
     for name, result in references.items():
         if score in result:
             metrics[f"{name}_{score}"] = float(result[score])
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "leaderboard.csv"
     trials.sort_values(score).to_csv(csv, index=False)
-    params = {k: v for k, v in best.items() if _PARAM.match(str(k))}
-    tracker.log_summary(metrics, params=params, artifacts=[csv, *write_plots(trials, references, out, score)])
+    params = {k: v for k, v in (best or {}).items() if PARAM_PATTERN.match(str(k))}
+    tracker.log_summary(metrics, params=params, artifacts=[csv, *write_plots(trials, references, out, best, score)])
     return metrics

@@ -1,0 +1,207 @@
+"""Orchestration: a search, tracked, from the first trial to the promoted winners.
+
+``search`` runs the job's search with every finished trial logged to MLflow as it finishes, then
+``sync`` (what MLflow missed, the summary, the champion), then, when the job asks for it, ``promote``.
+This is the one module that joins the layers: the search (:mod:`pctune.search`) and the evaluation
+stages (:mod:`pctune.evaluate`) know nothing of MLflow, and :mod:`pctune.tracking` takes plain values.
+Which configuration won is always :meth:`pctune.search.rundir.RunDir.ranking`'s answer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from pctune.errors import PctuneError
+from pctune.search.job import Job
+from pctune.search.prepare import load_job_model
+from pctune.search.rundir import PROMOTION, Entry, RunDir
+from pctune.tracking.runs import SearchTracker
+from pctune.tracking.store import check_reachable, resolve_tracking_uri, ui_command
+from pctune.utils import first_line
+
+Log = Callable[[str], None]
+
+
+def search(job: Job, log: Log = print) -> dict[str, Any]:
+    """``pctune search``: check the tracking store first, log trials as they finish, then sync the
+    summary and the champion, then promote (if the job's ``[promotion]`` says so)."""
+    from pctune.search.driver import run_search
+    from pctune.tracking.search import MlflowTrialLogger
+
+    uri = resolve_tracking_uri(job.tracking.tracking_uri)
+    check_reachable(uri)
+    # A server that dies mid-search must cost seconds, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    warn = _tracking_warning(job, log)
+    logger = MlflowTrialLogger(lambda: open_tracker(job, uri), warn)
+    summary = run_search(job, log=log, callbacks=[logger])
+    try:
+        sync(job, uri, log=log)
+    except Exception as exc:
+        logger.fail(exc)
+        return summary
+    log(f"MLflow: experiment {experiment_name(job)!r} at {uri}; browse with: {ui_command(uri)}")
+    if job.promotion.stages and job.promotion.auto:
+        summary["promotion"] = promote(job, log=log)
+    return summary
+
+
+def _tracking_warning(job: Job, log: Log) -> Callable[[str], None]:
+    def warn(reason: str) -> None:
+        log(f"warning: MLflow logging failed ({reason}); results stay in the Tune experiment: "
+            f"run `pctune sync {job.name}` once the server is back")
+
+    return warn
+
+
+def experiment_name(job: Job) -> str:
+    return job.tracking.experiment or job.name
+
+
+def open_tracker(job: Job, uri: str) -> SearchTracker:
+    """The tracker of ``job``'s search, its parent run started (or found again)."""
+    run_dir = RunDir(job.run_dir)
+    identity = run_dir.tracking_identity(uri, experiment_name(job))
+    tracker = SearchTracker(uri, identity["experiment"], identity["search_id"])
+    tracker.start(job.name, _parent_params(job, run_dir))
+    return tracker
+
+
+def _parent_params(job: Job, run_dir: RunDir) -> dict[str, Any]:
+    record = run_dir.job_record()
+    return {"job": job.name, "model": record.get("model", job.model.name), "sampler": job.search.sampler,
+            "seed": job.search.seed, "strategy": job.search.strategy, "num_samples": job.search.num_samples,
+            "num_images": record.get("num_images", job.data.num_images), "sigma": job.objective.sigma,
+            "timesteps": job.objective.timesteps, "data_source": job.data.source,
+            "dataset_digest": record.get("dataset_digest", "unknown"), "space": record.get("space", "")}
+
+
+# -- sync -------------------------------------------------------------------------------------------
+def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
+    """``pctune sync``: upload what MLflow is missing of ``job``'s search: trials, the summary, the
+    champion."""
+    from pctune.tracking.summary import log_search_summary
+
+    run_dir = RunDir(job.run_dir)
+    run_dir.require_search(job.name)
+    uri = uri or resolve_tracking_uri(job.tracking.tracking_uri or run_dir.tracking_uri())
+    check_reachable(uri)
+    tracker = open_tracker(job, uri)
+    trials = [t for _, t in run_dir.finished_trials()]
+    added = tracker.log_missing((t.trial_id, t.config, t.metrics) for t in trials)
+    log(f"MLflow: {added} trial runs added, {len(trials) - added} already there")
+    summary: dict[str, Any] = {}
+    best = run_dir.best()
+    if trials:
+        frame = pd.DataFrame([{"trial_id": t.trial_id, **t.config, **t.metrics} for t in trials])
+        summary = log_search_summary(tracker, frame, _baselines(run_dir), run_dir / "summary",
+                                     best={**best.metrics, **best.params} if best else None)
+    if best is None:
+        log("MLflow: no champion registered: no configuration finished without diverging")
+    else:
+        register(job, tracker, best, log)
+    tracker.finish()
+    return {"added": added, "trials": len(trials), "parent_run_id": tracker.parent_id, **summary}
+
+
+def _baselines(run_dir: RunDir) -> dict[str, dict]:
+    """The reference scores the summary shows beside the best: feedforward (as "baseline") and default."""
+    names = {"feedforward": "baseline", "default": "default"}
+    return {names[name]: ref["metrics"] for name, ref in run_dir.references().items() if name in names}
+
+
+def register(job: Job, tracker: SearchTracker, best: Entry, log: Log) -> None:
+    """Register ``best`` as the ``champion`` of the model named after the job (once per winner)."""
+    from pctune.models.registry import get_spec
+    from pctune.tracking.champion import register_champion
+
+    run = tracker.client.get_run(tracker.parent_id)
+    if run.data.tags.get("pctune.champion_trial") == best.key:
+        return
+    _spec, net = load_job_model(job, log=lambda _m: None)
+    backbone = job.model.backbone_weights
+    if job.model.is_builtin_demo:
+        from pctune.data.demo import ensure_demo_model
+
+        backbone = ensure_demo_model(log=lambda _m: None)["backbone"]
+    version = register_champion(tracker.uri, tracker.parent_id, net, best.hparams, model_name=job.name,
+                                spec_path=get_spec(job.model.name).source, timesteps=job.objective.timesteps,
+                                pretrained=job.model.pretrained, backbone_weights=backbone)
+    tracker.client.set_tag(tracker.parent_id, "pctune.champion_trial", best.key)
+    log(f"MLflow: registered model {job.name!r} version {version} as @champion ({best.kind} {best.key}, "
+        f"mean_ce {best.mean_ce:.4f})")
+
+
+# -- promotion --------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """A configuration chosen for promotion: ``name`` "rank1", "rank2", ...; ``key`` its trial id (or
+    "combination")."""
+
+    name: str
+    key: str
+    entry: Entry
+
+    @property
+    def trial(self) -> str:
+        return self.key
+
+
+def candidates(job: Job, top_k: int) -> list[Candidate]:
+    """The ``top_k`` best configurations of the job's search, by the one ranking."""
+    ranking = RunDir(job.run_dir).ranking()[:top_k]
+    if not ranking:
+        raise PctuneError(f"no finished trial in {job.run_dir} to promote")
+    return [Candidate(f"rank{i}", e.key, e) for i, e in enumerate(ranking, start=1)]
+
+
+def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None, log: Log = print) -> dict[str, Any]:
+    """``pctune promote``: the k best configurations through the job's promotion stages, each into
+    ``<run dir>/promotion/<rankN>/<stage>/`` and one nested MLflow run per configuration."""
+    from pctune.evaluate.stages import run_stage, stage_images
+
+    stages = list(stages if stages is not None else job.promotion.stages)
+    if not stages:
+        raise PctuneError(f"{job.source}: no promotion stages (set [promotion] stages or pass --stages)")
+    chosen = candidates(job, top_k or job.promotion.top_k)
+    _, net = load_job_model(job, log=log)
+    root = RunDir(job.run_dir) / PROMOTION
+    summary: dict[str, Any] = {}
+    for cand in chosen:
+        log(f"promotion: {cand.name} ({cand.entry.kind} {cand.key}, mean_ce {cand.entry.mean_ce:.4f}): "
+            f"{', '.join(stages)}")
+        outputs = {}
+        for stage in stages:
+            settings = job.promotion.settings[stage]
+            if isinstance(settings, dict):  # TEMPORARY until the typed job settings land
+                from pctune.evaluate.settings import parse_stage_settings
+
+                settings = parse_stage_settings(stage, settings)
+            images = stage_images(stage, settings, job.data.source, job.data.path, net, job.data.workers)
+            outputs[stage] = run_stage(settings, net, cand.entry.hparams, images, root / cand.name / stage, log)
+            log(f"promotion: {cand.name} {stage}:\n{outputs[stage].brief}")
+        (root / cand.name / "hparams.toml").write_text(cand.entry.hparams.to_toml())
+        summary[cand.name] = {"trial": cand.key, "mean_ce": cand.entry.mean_ce, "stages": stages,
+                              "dir": str(root / cand.name)}
+        _track_promotion(job, cand, outputs, log)
+    return summary
+
+
+def _track_promotion(job: Job, cand: Candidate, outputs: dict, log: Log) -> None:
+    """One nested MLflow run per promoted configuration (a failure is a warning)."""
+    from pctune.tracking.promotion import log_promotion
+
+    try:
+        uri = resolve_tracking_uri(job.tracking.tracking_uri or RunDir(job.run_dir).tracking_uri())
+        log_promotion(open_tracker(job, uri), cand.name, cand.key, cand.entry.params, list(outputs),
+                      [m for out in outputs.values() for m in out.metrics],
+                      [a for out in outputs.values() for a in out.artifacts])
+    except Exception as exc:
+        log(f"warning: MLflow logging of the promotion failed ({first_line(exc)[:200]}); results are in "
+            f"{job.run_dir}")

@@ -1,0 +1,161 @@
+"""Preparing a search, once on the driver: the model with its weights, the fixed noisy images, the
+starting points in the space's coordinates, and the penalty of a diverged trial."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pctune.errors import PctuneError
+from pctune.models.spec import ModelSpec
+from pctune.pc.hyperparameters import Hyperparameters
+from pctune.pc.network import PredictiveNet
+from pctune.search.job import Job
+from pctune.search.objective import default_penalty
+from pctune.search.space import SearchSpace, load_space
+
+Log = Callable[[str], None]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass
+class StartingPoint:
+    label: str
+    hparams: Hyperparameters
+    coords: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """What the driver computes once per search."""
+
+    job: Job
+    spec: ModelSpec
+    net: PredictiveNet
+    space: SearchSpace
+    starting_points: list[StartingPoint]
+    images: np.ndarray
+    labels: np.ndarray
+    penalty: float
+
+
+def load_job_model(job: Job, log: Log = _print) -> tuple[ModelSpec, PredictiveNet]:
+    """The model with its weights, built once on the driver, and its spec (sent to the workers)."""
+    from pctune.models.registry import create_model, get_spec
+
+    cfg = job.model
+    spec = copy.deepcopy(get_spec(cfg.name))
+    if cfg.gradient_scaling is not None:
+        spec.gradient_scaling = cfg.gradient_scaling
+    backbone_weights, feedback_weights = cfg.backbone_weights, cfg.feedback_weights
+    if cfg.is_builtin_demo:
+        from pctune.data.demo import ensure_demo_model
+
+        paths = ensure_demo_model(log=log)
+        backbone_weights, feedback_weights = paths["backbone"], paths["feedback"]
+    elif feedback_weights is None:
+        log(f"warning: {job.source}: model.feedback_weights is not set; the decoders are untrained")
+    net = create_model(cfg.name, pretrained=cfg.pretrained, feedback_weights=feedback_weights,
+                       gradient_scaling=spec.gradient_scaling, backbone_weights=backbone_weights)
+    return spec, net
+
+
+def noisy_images(job: Job, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed image subset with its noise (drawn once from the seed), as numpy arrays."""
+    import torch
+
+    from pctune.data.noise import add_gaussian_noise
+    from pctune.data.subsets import subset_indices
+
+    data = job.data
+    if data.source == "digits":
+        from pctune.data.demo import digits
+
+        images, labels = digits("test", image_size=data.image_size or spec.input_size[-1])
+        try:
+            idx = subset_indices(len(labels), data.num_images, data.seed)
+        except PctuneError as exc:
+            raise PctuneError(f"{job.source}: data.num_images: {exc}") from exc
+        images, labels = images[idx], labels[idx]
+    else:
+        from pctune.data.subsets import load_val_subset
+
+        try:
+            images, labels = load_val_subset(data.path, data.num_images, data.seed,
+                                             data.image_size or spec.input_size[-1], data.workers)
+        except PctuneError as exc:
+            raise PctuneError(f"{job.source}: data: {exc}") from exc
+    if images.shape[1] != spec.input_size[0]:
+        raise PctuneError(f"{job.source}: data: images have {images.shape[1]} channels but {spec.name} expects "
+                          f"{spec.input_size[0]}")
+    seed = job.objective.noise_seed if job.objective.noise_seed is not None else data.seed
+    noisy = add_gaussian_noise(images.float(), job.objective.sigma, seed)
+    return noisy.contiguous().numpy(), labels.to(torch.int64).numpy()
+
+
+def starting_points(job: Job, net: PredictiveNet, space: SearchSpace) -> list[StartingPoint]:
+    """The job's starting points (preset names or inline tables), in the space's coordinates."""
+    points = []
+    for i, entry in enumerate(job.search.starting_points, start=1):
+        label = entry if isinstance(entry, str) else str(entry.get("name", f"point{i}"))
+        try:
+            if isinstance(entry, str):
+                hp = net.hyperparameters(entry)
+            else:
+                table = {k: v for k, v in entry.items() if k != "name"}
+                hp = Hyperparameters.from_mapping(table, net.num_pcoders).for_pcoders(net.num_pcoders)
+        except PctuneError as exc:
+            raise PctuneError(f"{job.source}: search.starting_points[{i}]: {exc}") from exc
+        coords, notes = space.encode(hp, label=f"starting point {label!r}")
+        points.append(StartingPoint(label, space.decode(coords), coords, notes))
+    return points
+
+
+def check_paths(job: Job) -> None:
+    """Fail fast, before building a large model, on files the job names that do not exist."""
+    if job.data.source == "imagenet-val" and not Path(job.data.path).is_dir():
+        raise PctuneError(f"{job.source}: data.path: {job.data.path}: no such directory (pass --data PATH)")
+    weights = job.model.feedback_weights
+    for path in [weights] if isinstance(weights, str) else (weights or []):
+        if not Path(path).exists():
+            raise PctuneError(f"{job.source}: model.feedback_weights: {path}: no such file or directory "
+                              "(pass --feedback-weights PATH)")
+    if job.model.backbone_weights and not Path(job.model.backbone_weights).is_file():
+        raise PctuneError(f"{job.source}: model.backbone_weights: {job.model.backbone_weights}: no such file "
+                          "(pass --backbone-weights PATH)")
+
+
+def prepare(job: Job, log: Log = _print) -> Prepared:
+    """Everything the search computes once, on the driver (the job's paths are checked by the caller,
+    :func:`check_paths`, before anything else)."""
+    spec, net = load_job_model(job, log)
+    space_path = job.space_path
+    space = load_space(space_path, net.num_pcoders)
+    points = starting_points(job, net, space)
+    for point in points:
+        for note in point.notes:
+            log(f"note: {note}")
+    if job.search.strategy == "per-pcoder":
+        net.hyperparameters(job.search.defaults)  # the preset must exist
+        if space.shared:
+            raise PctuneError(f"{job.source}: search.strategy = 'per-pcoder' needs a space with shared = false "
+                              f"({space_path})")
+    images, labels = noisy_images(job, spec)
+    with_classes = net(_first(images, net)).shape[-1]
+    penalty = job.objective.divergence_penalty or default_penalty(with_classes)
+    return Prepared(job, spec, net, space, points, images, labels, penalty)
+
+
+def _first(images: np.ndarray, net: PredictiveNet):
+    import torch
+
+    with torch.no_grad():
+        return torch.from_numpy(images[:1].copy()).to(next(net.parameters()).device)

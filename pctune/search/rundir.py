@@ -1,0 +1,227 @@
+"""The run directory of a search: what lives where, reading and writing it, and the one ranking.
+
+Layout of ``<storage_path>/<job name>`` (default ``./pctune_runs/<job>``):
+
+    job.json            the resolved job (model, space, data) as the search ran it
+    references.json     scores of the feedforward baseline and the model's presets
+    joint/              Ray Tune experiment (strategy "joint")
+    pcoder1/ ...        one Ray Tune experiment per pcoder (strategy "per-pcoder")
+    combination.json    per-pcoder: the combined winners and their score
+    tracking.json       the search's MLflow identity (search id, tracking URI, experiment)
+    leaderboard.csv, best.toml   written by ``pctune results`` (and at the end of a search)
+    promotion/<rankN>/<stage>/   promotion results, one folder per promoted configuration
+
+Trials are read straight from the Ray Tune experiment folders (each trial's ``params.json`` and
+``result.json``), so a run directory can be read without Ray and while a search is still going.
+"Which configuration won" is decided in one place, :meth:`RunDir.ranking`: the leaderboard and
+``best.toml``, the promoted configurations and the MLflow champion all take it from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pctune.errors import PctuneError
+from pctune.pc.hyperparameters import PARAM_PATTERN, Hyperparameters
+from pctune.search.objective import METRIC
+from pctune.utils import atomic_write_json, atomic_write_text
+
+JOB = "job.json"
+REFERENCES = "references.json"
+COMBINATION = "combination.json"
+TRACKING = "tracking.json"
+LEADERBOARD = "leaderboard.csv"
+BEST = "best.toml"
+PROMOTION = "promotion"
+
+_STAGE_DIR = re.compile(r"^(joint|pcoder(\d+))$")
+_TRIAL_DIR = re.compile(r"^[A-Za-z0-9_]*?_[0-9a-f]{8}_(\d+)_")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial of a Tune experiment; ``status`` is TERMINATED (reported), ERROR or PENDING."""
+
+    trial_id: str
+    folder: str
+    index: int
+    status: str
+    config: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "TERMINATED"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One scored configuration: a trial, a reference point or the per-pcoder combination."""
+
+    kind: str  # "trial" | "reference" | "combination"
+    name: str  # "joint/3", "pcoder2/0", "feedforward", "default", "per-pcoder winners"
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    trial_id: str | None = None
+
+    @property
+    def mean_ce(self) -> float:
+        return float(self.metrics.get(METRIC, math.nan))
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.metrics.get("diverged", 0))
+
+    @property
+    def params(self) -> dict[str, float]:
+        """The flat ``pcoder{n}.{beta,lambda,alpha}`` values, pcoder by pcoder."""
+        return self.hparams.to_params()
+
+    @property
+    def hparams(self) -> Hyperparameters:
+        return Hyperparameters.from_params(self.config)
+
+    @property
+    def key(self) -> str:
+        """What identifies it across the run directory and MLflow: the trial id, else the kind
+        ("combination") or the reference's name."""
+        return self.trial_id or ("combination" if self.kind == "combination" else self.name)
+
+
+def load_trials(exp_dir: str | Path) -> list[Trial]:
+    """Every trial of one Tune experiment folder, in creation order."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        return []
+    trials = [_read_trial(folder) for folder in exp_dir.iterdir()
+              if folder.is_dir() and (folder / "params.json").is_file()]
+    return sorted(trials, key=lambda t: (t.index, t.folder))
+
+
+def _read_trial(folder: Path) -> Trial:
+    metrics = last_result(folder / "result.json") or {}
+    status = "TERMINATED" if METRIC in metrics else ("ERROR" if any(folder.glob("error.*")) else "PENDING")
+    match = _TRIAL_DIR.search(folder.name)
+    return Trial(trial_id=metrics.get("trial_id", folder.name), folder=folder.name,
+                 index=int(match.group(1)) if match else -1, status=status,
+                 config=json.loads((folder / "params.json").read_text()), metrics=metrics)
+
+
+def last_result(path: Path) -> dict | None:
+    """The last complete line of a ``result.json`` (a driver killed while appending cuts one short)."""
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+class RunDir:
+    """A search's run directory (see the module docstring for its layout)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # -- the job record -----------------------------------------------------------------------------
+    def has_search(self) -> bool:
+        return (self.path / JOB).is_file()
+
+    def require_search(self, job_name: str) -> None:
+        if not self.has_search():
+            raise PctuneError(f"no search of {job_name} in {self.path} (run `pctune search {job_name}` first)")
+
+    def job_record(self) -> dict[str, Any]:
+        return self.read_json(JOB) or {}
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.job_record()["job"]["objective"]["timesteps"])
+
+    # -- files ----------------------------------------------------------------------------------------
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return atomic_write_json(self.path / name, obj)
+
+    def write_text(self, name: str, text: str) -> Path:
+        return atomic_write_text(self.path / name, text)
+
+    # -- the MLflow identity ---------------------------------------------------------------------------
+    def tracking_identity(self, uri: str, experiment: str) -> dict[str, str]:
+        """The search's tracking identity (search id, URI, experiment), kept here so that resume and
+        sync find the same parent run (a new search of the job, after ``--overwrite``, gets a new one)."""
+        state = self.read_json(TRACKING) or {"search_id": uuid.uuid4().hex}
+        state.update(uri=uri, experiment=experiment)
+        self.write_json(TRACKING, state)
+        return state
+
+    def tracking_uri(self) -> str | None:
+        """The tracking URI the search last used, if any."""
+        return (self.read_json(TRACKING) or {}).get("uri")
+
+    # -- trials ---------------------------------------------------------------------------------------
+    def stages(self) -> list[str]:
+        """The Tune experiments present: ``joint``, or ``pcoder1``, ``pcoder2``, ... in order."""
+        if not self.path.is_dir():
+            return []
+        found = [m for p in self.path.iterdir() if p.is_dir() and (m := _STAGE_DIR.match(p.name))]
+        return [m.group(0) for m in sorted(found, key=lambda m: int(m.group(2) or 0))]
+
+    def trials(self, stage: str) -> list[Trial]:
+        return load_trials(self.path / stage)
+
+    def finished_trials(self) -> list[tuple[str, Trial]]:
+        """(stage, trial) for every trial with a result, stage by stage."""
+        return [(stage, t) for stage in self.stages() for t in self.trials(stage) if t.finished]
+
+    def references(self) -> dict[str, dict]:
+        """name -> ``{"config", "metrics"}`` of the reference points (feedforward, presets)."""
+        return self.read_json(REFERENCES) or {}
+
+    # -- the ranking --------------------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        """Every scored configuration: finished trials, then references, then the combination."""
+        entries = [Entry("trial", f"{stage}/{t.index}", t.config, t.metrics, t.trial_id)
+                   for stage, t in self.finished_trials()]
+        entries += [Entry("reference", name, ref["config"], ref["metrics"]) for name, ref in self.references().items()]
+        combination = self.read_json(COMBINATION)
+        if combination:
+            entries.append(Entry("combination", "per-pcoder winners", combination["config"], combination["metrics"]))
+        return entries
+
+    def ranking(self, stage: str | None = None) -> list[Entry]:
+        """THE ranking (:func:`rank`) of this run directory's entries; with ``stage``, of the trials of
+        that Tune experiment only (a per-pcoder stage's winner)."""
+        entries = self.entries() if stage is None else [
+            e for e in self.entries() if e.kind == "trial" and e.name.startswith(f"{stage}/")]
+        return rank(entries)
+
+    def best(self, stage: str | None = None) -> Entry | None:
+        ranking = self.ranking(stage)
+        return ranking[0] if ranking else None
+
+
+def rank(entries: list[Entry]) -> list[Entry]:
+    """THE ranking: the searched configurations among ``entries`` (trials and the per-pcoder
+    combination; never a reference, never a diverged point), best score first; ties keep their order."""
+    found = [e for e in entries if e.kind != "reference" and not e.diverged and math.isfinite(e.mean_ce)]
+    return sorted(found, key=lambda e: e.mean_ce)
+
+
+def is_param(key: str) -> bool:
+    """``pcoder{n}.{beta,lambda,alpha}``."""
+    return PARAM_PATTERN.match(str(key)) is not None
