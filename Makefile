@@ -22,7 +22,7 @@ lint: install
 
 # The reference documentation (docs/, MkDocs + material); --strict fails on broken links.
 docs: install
-	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 # The MLflow UI test drives Debian's headless Chromium; install it where apt can (root, Debian).
 test-deps:

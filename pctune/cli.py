@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pctune.errors import PctuneError
+from pctune import interrupts
+from pctune.errors import Interrupted, PctuneError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,14 +16,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    interrupts.enable()
     try:
         return int(args.handler(args) or 0)
+    except Interrupted as exc:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        print(f"pctune: {interrupts.signal_name()}: {exc.resume_message(argv)}", file=sys.stderr)
+        return interrupts.exit_code()
     except PctuneError as exc:
         print(f"pctune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pctune: interrupted", file=sys.stderr)
-        return 130
+        print(f"pctune: interrupted ({interrupts.signal_name()})", file=sys.stderr)
+        return interrupts.exit_code()
 
 
 def _parser() -> argparse.ArgumentParser:

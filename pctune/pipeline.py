@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from pctune.errors import PctuneError
+from pctune.errors import Interrupted, PctuneError
 from pctune.search.job import Job
 from pctune.search.prepare import load_job_model
 from pctune.search.rundir import PROMOTION, Entry, RunDir
@@ -40,7 +40,11 @@ def search(job: Job, log: Log = print) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     warn = _tracking_warning(job, log)
     logger = MlflowTrialLogger(lambda: open_tracker(job, uri), warn)
-    summary = run_search(job, log=log, callbacks=[logger])
+    try:
+        summary = run_search(job, log=log, callbacks=[logger])
+    except Interrupted:
+        _mark_killed(logger.tracker, log)
+        raise
     try:
         sync(job, uri, log=log)
     except Exception as exc:
@@ -50,6 +54,16 @@ def search(job: Job, log: Log = print) -> dict[str, Any]:
     if job.promotion.stages and job.promotion.auto:
         summary["promotion"] = promote(job, log=log)
     return summary
+
+
+def _mark_killed(tracker: SearchTracker | None, log: Log) -> None:
+    """An interrupted search's parent run is KILLED, not left RUNNING (``--resume`` reopens it)."""
+    if tracker is None:
+        return
+    try:
+        tracker.finish("KILLED")
+    except Exception as exc:  # the server may be what is going away
+        log(f"warning: could not mark the MLflow run as killed ({first_line(exc)[:200]})")
 
 
 def _tracking_warning(job: Job, log: Log) -> Callable[[str], None]:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from pctune.utils import atomic_write_json
+
 FAULT_ENV = "PCTUNE_FAULT_SHARD"  # testing hook: "<shard name>:<marker file>" kills the first worker on it
 
 
@@ -74,10 +76,8 @@ def _remote(work: Work, payload: Any, shard: Named) -> dict:
 
 
 def write_shard(shard_dir: Path, name: str, result: dict) -> None:
-    path = shard_dir / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"shard": name, "pid": os.getpid(), **result}))  # a worker's own pid wins
-    tmp.replace(path)
+    # a worker's own pid (in ``result``) wins over the driver's
+    atomic_write_json(shard_dir / f"{name}.json", {"shard": name, "pid": os.getpid(), **result}, indent=None)
 
 
 def maybe_fail(name: str) -> None:

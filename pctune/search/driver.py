@@ -22,13 +22,14 @@ from typing import Any
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
-from pctune.errors import PctuneError
+from pctune import interrupts
+from pctune.errors import Interrupted, PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.callbacks import MAX_FAILURES, Progress, StateSnapshots
 from pctune.search.job import Job
 from pctune.search.objective import METRIC, MODE
 from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_paths, prepare
-from pctune.search.rundir import COMBINATION, JOB, REFERENCES, RunDir
+from pctune.search.rundir import COMBINATION, JOB, MARKER, REFERENCES, RunDir
 from pctune.search.samplers import make_sampler
 from pctune.search.space import SearchSpace, SpaceSampler, hparams_to_config
 from pctune.search.trainable import TrialSetup, digest_arrays, run_trial, state_arrays
@@ -37,8 +38,8 @@ from pctune.search.tune_state import check_ray_version, repair
 __all__ = ["MAX_FAILURES", "SearchInterrupted", "check_resources", "connect", "evaluate_points", "run_search"]
 
 
-class SearchInterrupted(PctuneError):
-    """The search stopped early (Ctrl-C); its state is saved and ``--resume`` continues it."""
+class SearchInterrupted(Interrupted):
+    """The search stopped early (Ctrl-C, SIGTERM); its state is saved and ``--resume`` continues it."""
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -56,6 +57,7 @@ def connect(address: str | None, log: Log = _print) -> None:
     else:
         # address="local": never join some other Ray that happens to run on this machine.
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    interrupts.after_ray_init()
     resources = ray.cluster_resources()
     log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
@@ -121,7 +123,7 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
 
     run_dir = RunDir(job.run_dir)
     check_paths(job)
-    _claim_run_dir(job, run_dir.path, log)
+    _claim_run_dir(job, run_dir, log)
     prep = prepare(job, log)
     connect(job.run.address, log)
     check_resources(job, log)
@@ -144,20 +146,34 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
     return write_results(job, log=log)
 
 
-def _claim_run_dir(job: Job, run_dir: Path, log: Log) -> None:
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+def _claim_run_dir(job: Job, run_dir: RunDir, log: Log) -> None:
+    """Make ``run_dir`` this search's: new, resumed, or (``--overwrite``) an earlier pctune run of the
+    job replaced. Nothing that pctune did not create is ever removed."""
+    path = run_dir.path
+    storage = Path(job.run.storage_path).expanduser().resolve()
+    if storage.exists() and not storage.is_dir():
+        raise PctuneError(f"run.storage_path: {storage} is a file, not a folder")
+    if path.parent != storage:
+        raise PctuneError(f"{job.source}: name: {job.name!r} would put the run directory at {path}, outside the "
+                          f"storage path {storage}")
+    if path.exists() and not path.is_dir():
+        raise PctuneError(f"{path} is a file, not a run directory: move it away or choose another --storage-path")
+    if not path.exists() or not any(path.iterdir()):
         if job.resume:
-            log(f"nothing to resume in {run_dir}: starting a new search")
-        return
-    if job.resume:
-        log(f"resuming the search in {run_dir}")
-        return
-    if job.run.if_exists == "overwrite":
-        log(f"replacing the earlier search in {run_dir}")
-        shutil.rmtree(run_dir)
-        return
-    raise PctuneError(f"{run_dir} already holds a search of {job.name}: pass --resume to continue it or "
-                      "--overwrite to start over")
+            log(f"nothing to resume in {path}: starting a new search")
+    elif job.resume:
+        log(f"resuming the search in {path}")
+    elif job.run.if_exists != "overwrite":
+        raise PctuneError(f"{path} already holds a search of {job.name}: pass --resume to continue it or "
+                          "--overwrite to start over")
+    elif not run_dir.is_pctune_run():
+        raise PctuneError(f"{path} is not a pctune run directory (no {MARKER}, and it holds other files): "
+                          "not removing it; move it away or choose another --storage-path")
+    else:
+        removed = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        shutil.rmtree(path)
+        log(f"replaced the earlier search in {path} (removed: {', '.join(removed) or 'nothing'})")
+    run_dir.mark()
 
 
 def score_references(prep: Prepared, setup: TrialSetup, run_dir: RunDir, log: Log) -> dict:
@@ -221,12 +237,12 @@ def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace
         tuner = _tuner(prep, setup, stage, space, points, callbacks)
     start = time.perf_counter()
     grid = tuner.fit()
-    log(f"[{stage}] {len(grid)} trials in {time.perf_counter() - start:.1f}s"
+    done = sum(1 for t in RunDir(job.run_dir).trials(stage) if t.finished)
+    log(f"[{stage}] {done} of {job.search.num_samples} trials finished in {time.perf_counter() - start:.1f}s"
         + (f", {grid.num_errors} errored" if grid.num_errors else ""))
     if not _stage_finished(exp_dir, job.search.num_samples) and grid.num_errors == 0:
-        done = sum(1 for t in RunDir(job.run_dir).trials(stage) if t.finished)
         raise SearchInterrupted(f"the search of {job.name} stopped after {done} of {job.search.num_samples} trials "
-                                f"({stage}); continue it with `pctune search {_job_ref(job)} --resume`")
+                                f"({stage})", f"pctune search {_job_ref(job)} --resume")
 
 
 def _job_ref(job: Job) -> str:

@@ -39,8 +39,10 @@ TRACKING = "tracking.json"
 LEADERBOARD = "leaderboard.csv"
 BEST = "best.toml"
 PROMOTION = "promotion"
+MARKER = ".pctune-run"  # written when pctune creates a run directory: only such a folder is ever removed
 
 _STAGE_DIR = re.compile(r"^(joint|pcoder(\d+))$")
+_OWN_HIDDEN = re.compile(r"^\.(joint|pcoder\d+)\.tune-state\.(pkl|json)$|^(joint|pcoder\d+)\.damaged-[\d-]+$")
 _TRIAL_DIR = re.compile(r"^[A-Za-z0-9_]*?_[0-9a-f]{8}_(\d+)_")
 
 
@@ -133,6 +135,22 @@ class RunDir:
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
+
+    # -- ownership ----------------------------------------------------------------------------------
+    def mark(self) -> None:
+        """Claim the folder as a pctune run directory (creating it)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / MARKER).is_file():
+            atomic_write_text(self.path / MARKER, "created by pctune: `--overwrite` may replace this folder\n")
+
+    def is_pctune_run(self) -> bool:
+        """Marked by pctune, or (a run of an older pctune, before the marker) holding nothing but the
+        files and folders a search writes."""
+        if (self.path / MARKER).is_file():
+            return True
+        names = {p.name for p in self.path.iterdir()}
+        own = {JOB, REFERENCES, COMBINATION, TRACKING, LEADERBOARD, BEST, PROMOTION, "summary"}
+        return JOB in names and all(n in own or _STAGE_DIR.match(n) or _OWN_HIDDEN.match(n) for n in names)
 
     # -- the job record -----------------------------------------------------------------------------
     def has_search(self) -> bool:

@@ -32,6 +32,10 @@ ALIAS = "champion"
 class PredictiveNetModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: ``predict(images [B, C, H, W])`` -> logits of the last timestep."""
 
+    # The images are plain arrays: no type-hint schema to infer. Without this, MLflow warns when the
+    # class is defined, and that warning preceded every one-line error of the command.
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         self.net, self.hparams, self.timesteps = _build(context.artifacts)
 

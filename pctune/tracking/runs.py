@@ -101,6 +101,8 @@ class SearchTracker:
             run = self.client.create_run(self.experiment_id, tags=all_tags)
             self.parent_id = run.info.run_id
             self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in params.items()])
+        elif self.client.get_run(self.parent_id).info.status != "RUNNING":
+            self.client.update_run(self.parent_id, status="RUNNING")  # resumed after a kill, or synced again
         return self.parent_id
 
     # -- trials ---------------------------------------------------------------------------------------

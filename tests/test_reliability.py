@@ -1,0 +1,142 @@
+"""Nothing of the user's is deleted or executed, and every stop is clean (issue 13): each test here
+failed on the code before its fix."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pctune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo_job(tmp_path: Path, name: str = "demo", extra: str = "") -> Path:
+    path = tmp_path / f"{name}job.toml"
+    text = (ROOT / "jobs" / "demo.toml").read_text().replace('space = "demo"', f'space = "{ROOT}/search_spaces/demo.toml"')
+    path.write_text(extra + "\n" + text if extra else text)
+    return path
+
+
+def test_overwrite_never_removes_a_folder_that_pctune_did_not_create(tmp_path, capsys):
+    storage = tmp_path / "x"
+    (storage / "demo").mkdir(parents=True)
+    (storage / "demo" / "notes.md").write_text("keep")
+    assert main(["search", "demo", "--storage-path", str(storage), "--num-samples", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not a pctune run directory" in err and str(storage / "demo") in err
+    assert (storage / "demo" / "notes.md").read_text() == "keep"
+
+
+@pytest.mark.parametrize("name", ["../victim", "", ".", ".."])
+def test_a_job_name_cannot_reach_outside_the_storage_path(tmp_path, capsys, name):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.txt").write_text("keep")
+    other = tmp_path / "runs" / "other"
+    other.mkdir(parents=True)
+    (other / "job.json").write_text("{}")
+    job = _demo_job(tmp_path, extra=f'name = "{name}"')
+    assert main(["search", str(job), "--storage-path", str(tmp_path / "runs"), "--num-samples", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "name" in err
+    assert (victim / "data.txt").read_text() == "keep" and (other / "job.json").is_file()
+
+
+def test_a_storage_path_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["search", "demo", "--storage-path", str(tmp_path / "afile"), "--num-samples", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a file" in err
+
+
+def test_overwrite_replaces_only_a_marked_run_and_says_what_it_removed(tmp_path):
+    from pctune.search.driver import _claim_run_dir
+    from pctune.search.job import load_job
+    from pctune.search.rundir import MARKER, RunDir
+
+    job = load_job("demo", {"run.storage_path": str(tmp_path)})
+    run_dir = RunDir(job.run_dir)
+    run_dir.mark()
+    (run_dir / "job.json").write_text("{}")
+    (run_dir / "joint").mkdir()
+    lines = []
+    _claim_run_dir(job, run_dir, lines.append)
+    assert "removed: job.json, joint" in lines[-1]
+    assert (run_dir / MARKER).is_file() and not (run_dir / "joint").exists()
+
+
+class _Hostile:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_resume_never_unpickles_a_file_from_the_run_directory(tmp_path):
+    from pctune.search.tune_state import repair
+
+    exp_dir = tmp_path / "joint"
+    exp_dir.mkdir()
+    (exp_dir / "experiment_state-2026-01-01_00-00-00.json").write_text('{"cut short')
+    marker = tmp_path / "executed"
+    payload = pickle.dumps({"session": "2026-01-01_00-00-00", "files": _Hostile(marker)})
+    (tmp_path / ".joint.tune-state.pkl").write_bytes(payload)  # the file an older pctune unpickled
+    (tmp_path / ".joint.tune-state.json").write_bytes(payload)  # and garbage where the snapshot now lives
+    repair(exp_dir, lambda _m: None)
+    assert not marker.exists()
+
+
+def test_only_weights_only_loads_in_pctune():
+    import re
+
+    loads = []
+    for path in (ROOT / "pctune").rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if re.search(r"pickle\.loads?\(|torch\.load\(", line):
+                loads.append((path.name, n, line.strip()))
+    assert loads, "expected the weight loaders"
+    assert all("torch.load(" in line and "weights_only=True" in line for _f, _n, line in loads), loads
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_search_like_ctrl_c(tmp_path):
+    """What `timeout`, `kill` and `ray job stop` send: trials stop, partial results and the exact resume
+    command, the MLflow parent run KILLED, exit 143."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "PCTUNE_CACHE": os.environ.get("PCTUNE_CACHE", str(Path.home() / ".cache" / "pctune")),
+           "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    args = ["search", "demo", "--storage-path", str(tmp_path / "runs"), "--num-samples", "40", "--max-concurrent", "1",
+            "--set", "data.num_images=300"]
+    proc = subprocess.Popen([sys.executable, "-m", "pctune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[joint] trial 3/" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    out = "".join(seen) + out
+    assert proc.returncode == 143, out[-3000:] + err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pctune: SIGTERM: the search of demo stopped after"), err[-3000:]
+    assert f"continue it with `pctune {' '.join(args)} --resume`" in last
+    assert "Stack trace" not in err and "SIGABRT" not in err
+    run_dir = tmp_path / "runs" / "demo"
+    assert (run_dir / "leaderboard.csv").is_file()  # the partial results
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("pctune-demo")
+    parent = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in parent] == ["KILLED"]
+    assert json.loads((run_dir / "tracking.json").read_text())["search_id"]
