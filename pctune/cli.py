@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_train_feedback)
 
+    from pctune.evaluate.settings import STAGE_SETTINGS
     from pctune.search.cli import add_search_commands
 
     add_search_commands(commands)
@@ -63,14 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     promote = commands.add_parser("promote", help="evaluate the k best configurations of a finished search")
     promote.add_argument("job", help="a job name in jobs/ or a job TOML path")
     promote.add_argument("--top-k", type=int, default=None, help="configurations to promote (default: the job's)")
-    promote.add_argument("--stages", default=None, help="comma-separated: imagenet-c,adversarial,noise "
+    promote.add_argument("--stages", default=None, help=f"comma-separated: {','.join(STAGE_SETTINGS)} "
                                                         "(default: the job's [promotion] stages)")
     promote.add_argument("--storage-path", help="where runs are kept (default: the job's, ./pctune_runs)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
     promote.set_defaults(handler=_promote)
 
     evaluate = commands.add_parser("evaluate", help="run one promotion stage on one configuration")
-    evaluate.add_argument("stage", choices=["imagenet-c", "adversarial", "noise"])
+    evaluate.add_argument("stage", choices=list(STAGE_SETTINGS))
     evaluate.add_argument("--model", required=True, help="a registered model name or a model spec TOML")
     evaluate.add_argument("--hparams", required=True, help="a hyperparameter TOML (pctune results writes best.toml) "
                                                            "or a preset name of the model")

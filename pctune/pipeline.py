@@ -193,10 +193,6 @@ def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None,
         outputs = {}
         for stage in stages:
             settings = job.promotion.settings[stage]
-            if isinstance(settings, dict):  # TEMPORARY until the typed job settings land
-                from pctune.evaluate.settings import parse_stage_settings
-
-                settings = parse_stage_settings(stage, settings)
             images = stage_images(stage, settings, job.data.source, job.data.path, net, job.data.workers)
             outputs[stage] = run_stage(settings, net, cand.entry.hparams, images, root / cand.name / stage, log)
             log(f"promotion: {cand.name} {stage}:\n{outputs[stage].brief}")

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pctune import Hyperparameters, PctuneError
-from pctune.search.job import REPO_ROOT
+from pctune.search.locate import shipped
 from pctune.search.space import hparams_from_config, hparams_to_config, load_space, space_from_mapping
 
 BOX = {"default": {"beta": {"low": 0.0, "high": 1.0}, "lambda": {"low": 0.0, "high": 0.6},
@@ -35,7 +35,7 @@ def test_every_point_of_the_box_satisfies_the_constraint_and_the_ranges():
 
 
 def test_dimensions_are_a_static_box():
-    space = load_space(REPO_ROOT / "search_spaces" / "pvgg16.toml", 5)
+    space = load_space(shipped("search_spaces") / "pvgg16.toml", 5)
     dims = space.dimensions()
     assert set(dims) == {f"pcoder{n}.beta" for n in range(1, 6)} | {f"pcoder{n}.lambda_u" for n in range(1, 5)}
     assert all(r.low == 0.0 and r.high == 1.0 for r in dims.values())
@@ -53,7 +53,7 @@ def test_starting_points_round_trip_through_the_sampled_coordinates():
 
 
 def test_fixed_fields_of_a_starting_point_are_replaced_with_a_note():
-    space = load_space(REPO_ROOT / "search_spaces" / "pvgg16.toml", 5)
+    space = load_space(shipped("search_spaces") / "pvgg16.toml", 5)
     coords, notes = space.encode(Hyperparameters.shared(0.8, 0.1, 0.01), label="starting point 'default'")
     assert space.decode(coords).alpha == (0.0,) * 5
     assert any("alpha 0.01 replaced by the fixed 0" in n for n in notes)
@@ -93,7 +93,7 @@ def test_per_pcoder_subspace_fixes_the_others():
 @pytest.mark.parametrize("name", ["demo", "pvgg16", "peffnetb0"])
 def test_shipped_spaces_load(name):
     counts = {"demo": 3, "pvgg16": 5, "peffnetb0": 8}
-    space = load_space(REPO_ROOT / "search_spaces" / f"{name}.toml", counts[name])
+    space = load_space(shipped("search_spaces") / f"{name}.toml", counts[name])
     assert space.dimensions()
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,46 +31,12 @@ import torch
 from torch import Tensor
 
 from pctune.errors import PctuneError
+from pctune.evaluate.settings import ATTACKS, GRADIENT_MODES, AttackSpec, default_attacks  # noqa: F401 (re-exported)
 from pctune.evaluate.shards import run_shards
 from pctune.evaluate.unrolled import Unrolled
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
 from pctune.utils import pyplot, save_figure
-
-GRADIENT_MODES = ("exact", "constant-error", "transfer")
-
-
-@dataclass
-class AttackSpec:
-    """One attack and its epsilon grid (distances in pixel units, images in [0, 1])."""
-
-    name: str  # bim | pgd | hsj
-    epsilons: list[float]
-    steps: int
-    rel_stepsize: float | None = None
-    modes: list[str] = field(default_factory=lambda: list(GRADIENT_MODES))
-    max_images: int | None = None  # hsj: the paper used 100
-
-    def __post_init__(self) -> None:
-        if self.name not in ("bim", "pgd", "hsj"):
-            raise PctuneError(f"unknown attack {self.name!r} (bim, pgd or hsj)")
-        if not self.epsilons or any(e <= 0 for e in self.epsilons):
-            raise PctuneError(f"{self.name}: epsilons must be a non-empty list of positive numbers")
-        if self.name == "hsj":
-            self.modes = ["decision"]
-        else:
-            bad = [m for m in self.modes if m not in GRADIENT_MODES]
-            if bad:
-                raise PctuneError(f"{self.name}: unknown gradient mode {bad[0]!r} (one of {', '.join(GRADIENT_MODES)})")
-
-
-def default_attacks() -> list[AttackSpec]:
-    """The paper's protocol, with epsilon grids for 224x224 ImageNet images."""
-    return [
-        AttackSpec("bim", [0.0005, 0.001, 0.002, 0.004], steps=100, rel_stepsize=2.5 / 100),
-        AttackSpec("pgd", [0.05, 0.1, 0.25, 0.5], steps=50, rel_stepsize=2.5 / 50),
-        AttackSpec("hsj", [0.5, 1.0, 2.0, 4.0], steps=16, max_images=100),
-    ]
 
 
 @dataclass

@@ -136,7 +136,7 @@ def evaluate_one(stage: str, net: PredictiveNet, hparams: Hyperparameters, data:
                  settings: dict, log: Log = print) -> StageResult:
     """``pctune evaluate STAGE``: one configuration through one stage, without a search. ``data`` is
     an ImageNet-style val folder or "digits"; ``settings`` the stage's settings as ``--set`` gave them."""
-    typed = parse_stage_settings(stage, settings, "--set")
+    typed = parse_stage_settings(stage, settings, "--set", name=stage)
     source, path = ("digits", None) if data == "digits" else ("imagenet-val", data)
     result = run_stage(typed, net, hparams, stage_images(stage, typed, source, path, net), out, log)
     log(f"{stage}:\n{result.brief}\nwritten: {out}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pctune.search.job import STRATEGIES
+from pctune.search.samplers import SAMPLERS
+
 #: command-line flag -> job field it overrides
 _OVERRIDES = {
     "num_samples": "search.num_samples",
@@ -32,10 +35,11 @@ def add_search_commands(commands) -> None:
     _job_flags(search)
     search.add_argument("--num-samples", type=int, help="trials (per pcoder with the per-pcoder strategy)")
     search.add_argument("--max-concurrent", type=int, help="trials running at once")
-    search.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"])
+    search.add_argument("--sampler", choices=list(SAMPLERS),
+                        help="; ".join(f"{name}: {kind.description}" for name, kind in SAMPLERS.items()))
     search.add_argument("--seed", type=int)
     search.add_argument("--space", help="a search space name in search_spaces/ or a TOML path")
-    search.add_argument("--strategy", choices=["joint", "per-pcoder"])
+    search.add_argument("--strategy", choices=list(STRATEGIES))
     search.add_argument("--data", help="the ImageNet validation folder")
     search.add_argument("--num-images", type=int)
     search.add_argument("--feedback-weights", help="decoder weights (file or Predify folder)")

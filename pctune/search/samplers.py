@@ -1,25 +1,67 @@
-"""PROVISIONAL (replaced by the jobs branch): the Optuna samplers."""
+"""The Optuna samplers a job can name (``[search] sampler``, ``pctune search --sampler``).
+
+:data:`SAMPLERS` is the one table of sampler names: job validation and the ``--sampler`` choices
+derive from it. Importing this module does not import Optuna; :func:`make_sampler` does.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from pctune.errors import PctuneError
 
 
-def make_sampler(name: str, seed: int, concurrent: int, source: str = "<job>"):
+class SamplerKind(NamedTuple):
+    description: str
+    factory: Callable[[int, int], Any]  # (seed, concurrent trials) -> an Optuna sampler
+
+
+def _tpe(seed: int, concurrent: int):
     import optuna
 
+    # constant_liar: trials running at once do not all propose the same point
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=concurrent > 1)
+
+
+def _cmaes(seed: int, concurrent: int):
+    import optuna
+
+    return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+def _gp(seed: int, concurrent: int):
+    import optuna
+
+    return optuna.samplers.GPSampler(seed=seed)
+
+
+def _random(seed: int, concurrent: int):
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+#: sampler name -> what it is and how to make it; in the order the documentation and errors list them
+SAMPLERS: dict[str, SamplerKind] = {
+    "tpe": SamplerKind("multivariate tree-structured Parzen estimator (constant liar when trials run at once)", _tpe),
+    "cmaes": SamplerKind("CMA evolution strategy (needs the cmaes package)", _cmaes),
+    "gp": SamplerKind("Gaussian-process Bayesian optimization", _gp),
+    "random": SamplerKind("independent uniform sampling", _random),
+}
+
+
+def make_sampler(name: str, seed: int, concurrent: int, source: str = "<job>"):
+    """The Optuna sampler named in the job, seeded; ``concurrent``: trials running at once."""
+    import optuna
+
+    if name not in SAMPLERS:
+        raise PctuneError(f"{source}: search.sampler: unknown sampler {name!r} ({', '.join(SAMPLERS)})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=concurrent > 1)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
     if name == "cmaes":
         try:
             import cmaes  # noqa: F401
         except ImportError as exc:
             raise PctuneError(f"{source}: search.sampler = 'cmaes' needs the cmaes package "
                               "(pip install cmaes)") from exc
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    raise PctuneError(f"{source}: search.sampler: unknown sampler {name!r}")
+    return SAMPLERS[name].factory(seed, concurrent)
