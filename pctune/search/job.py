@@ -11,6 +11,7 @@ relative to the current directory; jobs and search spaces are found by :mod:`pct
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -189,7 +190,7 @@ def job_from_mapping(data: Mapping[str, Any], source: str = "<job>", name: str =
     convert(str, data.get("description", ""), source, "description")
     tables = {key: data.get(key, {}) for key in TABLES}
     job = Job(
-        name=convert(str, data.get("name", name), source, "name"),
+        name=_job_name(convert(str, data.get("name", name), source, "name"), source),
         source=source,
         model=_model(tables["model"], source),
         data=_data(tables["data"], source),
@@ -203,6 +204,18 @@ def job_from_mapping(data: Mapping[str, Any], source: str = "<job>", name: str =
         raise PctuneError(f"{source}: data.path: the ImageNet validation folder is required "
                           "(or pass --data PATH)")
     return job
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _job_name(name: str, source: str) -> str:
+    """A job's name is its run directory's name under the storage path: a plain name, nothing that
+    could point elsewhere."""
+    if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+        raise PctuneError(f"{source}: name: {name!r} is not a plain name (letters, digits, '-', '_', '.'; "
+                          "not empty, not '.' or '..')")
+    return name
 
 
 # -- one reader per table: the dataclass states keys, types and defaults; these add the range checks --
