@@ -146,7 +146,8 @@ def register(job: Job, tracker: SearchTracker, best: Entry, log: Log) -> None:
         backbone = ensure_demo_model(log=lambda _m: None)["backbone"]
     version = register_champion(tracker.uri, tracker.parent_id, net, best.hparams, model_name=job.name,
                                 spec_path=get_spec(job.model.name).source, timesteps=job.objective.timesteps,
-                                pretrained=job.model.pretrained, backbone_weights=backbone)
+                                pretrained=job.model.pretrained, backbone_weights=backbone,
+                                backbone=job.model.backbone)
     tracker.client.set_tag(tracker.parent_id, "pctune.champion_trial", best.key)
     log(f"MLflow: registered model {job.name!r} version {version} as @champion ({best.kind} {best.key}, "
         f"mean_ce {best.mean_ce:.4f})")

@@ -140,3 +140,97 @@ def test_sigterm_stops_the_search_like_ctrl_c(tmp_path):
     parent = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parent] == ["KILLED"]
     assert json.loads((run_dir / "tracking.json").read_text())["search_id"]
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("foo://bar/baz", "MLflow cannot use the tracking URI 'foo://bar/baz' (Model registry functionality is unavailable"),
+    ("sqlite:////proc/pctune-readonly/mlflow.db", "MLflow tracking store sqlite:////proc/pctune-readonly/mlflow.db is "
+                                                  "not writable"),
+])
+def test_a_tracking_store_that_cannot_take_the_search_fails_before_any_trial(tmp_path, capsys, uri, message):
+    assert main(["search", "demo", "--storage-path", str(tmp_path), "--num-samples", "1", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "demo").exists()  # checked before any trial: no run directory
+
+
+@pytest.mark.parametrize("alpha", [1e6, 1e37])
+def test_a_diverged_point_still_reports_its_feedforward_timestep(alpha):
+    """Timestep 0 is the feedforward pass, measured before the dynamics diverge (it was reported as 0)."""
+    import torch
+
+    import pctune
+    from pctune.data.demo import digits
+    from pctune.search.objective import score
+
+    torch.manual_seed(0)
+    net = pctune.create_model("demo", gradient_scaling=True)
+    x, y = digits("test")
+    x, y = x[:96], y[:96]
+    wild = score(net, x, y, net.hyperparameters({"beta": 0.5, "lambda": 0.2, "alpha": alpha}), timesteps=3,
+                 batch_size=32)
+    plain = score(net, x, y, net.hyperparameters("feedforward"), timesteps=3, batch_size=32)
+    assert wild["diverged"] == 1
+    assert wild["accuracy_t0"] == pytest.approx(plain["accuracy_t0"]) and plain["accuracy_t0"] > 0
+    assert wild["ce_t0"] == pytest.approx(plain["ce_t0"], rel=1e-6)
+
+
+PREDIFY_RESNET = """
+gradient_scaling = false
+input_size = [3, 64, 64]
+[[pcoders]]
+module = "layer1"
+predictor = "ConvTranspose2d(64, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))"
+hyperparameters = {feedforward = 0.3, feedback = 0.3, pc = 0.01}
+[[pcoders]]
+module = "layer2"
+predictor = "Sequential(Upsample(scale_factor=2.0), ConvTranspose2d(128, 64, kernel_size=3, padding=1))"
+"""
+
+
+def test_a_predify_config_builds_with_its_backbone_named_in_the_file_the_call_or_the_job(tmp_path):
+    import pctune
+    from pctune.errors import PctuneError
+    from pctune.search.job import load_job
+    from pctune.search.prepare import load_job_model
+
+    bare = tmp_path / "bare.toml"
+    bare.write_text(PREDIFY_RESNET)
+    with pytest.raises(PctuneError, match="names no backbone"):
+        pctune.create_model(bare)
+    assert pctune.create_model(bare, backbone="torchvision/resnet18").num_pcoders == 2
+    named = tmp_path / "named.toml"
+    named.write_text('backbone = "torchvision/resnet18"\n' + PREDIFY_RESNET)
+    assert pctune.create_model(named).encoder_modules == ["layer1", "layer2"]
+    job = tmp_path / "job.toml"
+    job.write_text(f'[model]\nname = "{bare}"\nbackbone = "torchvision/resnet18"\n[data]\nsource = "digits"\n'
+                   '[search]\nspace = "demo"\n')
+    spec, net = load_job_model(load_job(job), log=lambda _m: None)
+    assert spec.backbone == "torchvision/resnet18" and net.num_pcoders == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[pcoders]]\nmodule = "layer1"\nhyperparameters = "evil"\n', "pcoder1.hyperparameters: expected a table"),
+    ('pcoders = ["layer1"]\n', "pcoder1: expected a [[pcoders]] table"),
+    ('input_size = "big"\n[[pcoders]]\nmodule = "layer1"\n', "input_size must be [channels, height, width]"),
+])
+def test_a_malformed_predify_config_is_a_one_line_error(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["evaluate", "noise", "--model", str(path), "--hparams", "default", "--data", "digits",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+
+
+def test_a_layer_asking_for_petabytes_is_refused_by_name(tmp_path):
+    import pctune
+    from pctune.errors import PctuneError
+
+    spec = (ROOT / "pctune" / "models" / "specs" / "presnet18.toml").read_text()
+    spec = spec.replace('module = "layer1"', 'module = "layer1"\ndecoder = { type = "ConvTranspose2d", '
+                        'in_channels = 100000000, out_channels = 100000000, kernel_size = 2 }', 1)
+    path = tmp_path / "huge.toml"
+    path.write_text(spec)
+    with pytest.raises(PctuneError, match=r"pcoder2.*ConvTranspose2d would have 4e\+16 parameters"):
+        pctune.create_model(path)

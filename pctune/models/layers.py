@@ -25,6 +25,10 @@ LAYER_TYPES: dict[str, type[nn.Module]] = {
 
 LayerSpec = Mapping[str, Any]
 
+#: The largest decoder layer a spec may ask for, in parameters (VGG16's largest layer has ~103 M; a
+#: layer past this is a typo, and building it would exhaust memory instead of saying so).
+MAX_LAYER_PARAMETERS = 2_000_000_000
+
 
 def normalize_layer(type_name: str, args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> dict:
     """Bind positional and keyword arguments to the layer's signature, as one keyword table."""
@@ -56,7 +60,26 @@ def _build_layer(spec: LayerSpec, where: str) -> nn.Module:
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != "type"}
     table = normalize_layer(str(spec["type"]), (), kwargs, where)
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in table.items() if k != "type"}
-    return LAYER_TYPES[table["type"]](**kwargs)
+    _check_size(table["type"], kwargs, where)
+    try:
+        return LAYER_TYPES[table["type"]](**kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise PctuneError(f"{where}: cannot build {table['type']}: {exc}") from exc
+
+
+def _check_size(type_name: str, kwargs: Mapping[str, Any], where: str) -> None:
+    """Refuse a convolution whose weights would exceed :data:`MAX_LAYER_PARAMETERS`, before allocating."""
+    if type_name not in ("Conv2d", "ConvTranspose2d"):
+        return
+    try:
+        size = kwargs["kernel_size"]
+        kernel = size[0] * size[1] if isinstance(size, tuple | list) else size * size
+        count = int(kwargs["in_channels"]) * int(kwargs["out_channels"]) * int(kernel)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return  # the layer's own constructor says what is wrong
+    if count > MAX_LAYER_PARAMETERS:
+        raise PctuneError(f"{where}: {type_name} would have {count:.3g} parameters (at most "
+                          f"{MAX_LAYER_PARAMETERS:.3g}): check in_channels, out_channels and kernel_size")
 
 
 def default_decoder(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[dict]:

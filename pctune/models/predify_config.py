@@ -90,24 +90,35 @@ def spec_from_predify(data: Mapping[str, Any], source: str = "<predify config>",
     pcoders, triples = [], []
     for i, table in enumerate(tables, start=1):
         where = f"{source}: pcoder{i}"
-        if "module" not in table:
-            raise PctuneError(f"{where}: missing 'module'")
+        if not isinstance(table, Mapping) or "module" not in table:
+            raise PctuneError(f"{where}: expected a [[pcoders]] table with a 'module', got {table!r}")
         decoder = parse_predictor(str(table["predictor"]), f"{where}.predictor") if "predictor" in table else None
         pcoders.append(PcoderSpec(module=module_path(str(table["module"])), decoder=decoder))
         hp = table.get("hyperparameters", {"feedforward": 0.3, "feedback": 0.3, "pc": 0.01})
+        if not isinstance(hp, Mapping):
+            raise PctuneError(f"{where}.hyperparameters: expected a table such as "
+                              f"{{feedforward = 0.3, feedback = 0.3, pc = 0.01}}, got {hp!r}")
         triples.append({"beta": hp.get("feedforward", 0.3), "lambda": hp.get("feedback", 0.3),
                         "alpha": hp.get("pc", 0.01)})
     default = Hyperparameters.from_mapping({f"pcoder{i}": t for i, t in enumerate(triples, start=1)})
     return ModelSpec(
         name=str(data.get("name", "predify-network")),
-        backbone=backbone,
+        backbone=backbone or str(data.get("backbone", "")),
         pcoders=pcoders,
-        input_size=tuple(int(v) for v in data.get("input_size", (3, 224, 224))),
+        input_size=_input_size(data.get("input_size", (3, 224, 224)), source),
         gradient_scaling=bool(data.get("gradient_scaling", False)),
         description=f"imported from Predify configuration {source}",
         presets={"default": default},
         source=source,
     )
+
+
+def _input_size(value: Any, source: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise PctuneError(f"{source}: input_size must be [channels, height, width], got {value!r}") from exc
+    return c, h, w
 
 
 def _check_import(line: str, source: str) -> None:

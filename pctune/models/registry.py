@@ -42,9 +42,19 @@ def get_spec(name: str | Path) -> ModelSpec:
 def load_spec(path: str | Path) -> ModelSpec:
     """Read a pctune model spec; a file in Predify's format is converted (see ``predify_config``)."""
     data = read_toml(path)
-    if "backbone" not in data and "pcoders" in data:
+    if _is_predify(data):
         return spec_from_predify(data, source=str(path))
     return spec_from_mapping(data, source=str(path))
+
+
+def _is_predify(data: dict) -> bool:
+    """Predify's format: no ``backbone`` key (pctune's own specs always name theirs), or pcoder tables
+    with Predify's ``predictor`` / ``hyperparameters`` keys (a Predify config that names its backbone)."""
+    pcoders = data.get("pcoders")
+    if not isinstance(pcoders, list):
+        return False
+    return "backbone" not in data or any(isinstance(t, dict) and {"predictor", "hyperparameters"} & set(t)
+                                         for t in pcoders)
 
 
 def create_model(
@@ -54,6 +64,7 @@ def create_model(
     gradient_scaling: bool | None = None,
     *,
     backbone_weights: str | Path | None = None,
+    backbone: str | None = None,
     **kwargs: Any,
 ) -> PredictiveNet:
     """Build a predictive network.
@@ -64,11 +75,18 @@ def create_model(
         feedback_weights: decoder weights (see :func:`pctune.models.weights.load_feedback_weights`).
         gradient_scaling: override the spec's gradient-scaling switch.
         backbone_weights: a local state dict for the backbone (instead of downloading).
+        backbone: the backbone of a Predify configuration that does not name one (e.g.
+            ``"torchvision/vgg16"``), or a replacement for the spec's.
         **kwargs: passed to the backbone's constructor (e.g. ``num_classes``).
     """
     spec = get_spec(name)
-    backbone = build_backbone(spec.backbone, pretrained, backbone_weights, **{**spec.backbone_kwargs, **kwargs})
-    return build_from_spec(spec, backbone, feedback_weights=feedback_weights, gradient_scaling=gradient_scaling)
+    if backbone:
+        spec.backbone = backbone
+    if not spec.backbone:
+        raise PctuneError(f"{spec.source}: the configuration names no backbone: add backbone = \"torchvision/vgg16\" "
+                          "(for example) to it, or give one (create_model(..., backbone=...), a job's model.backbone)")
+    net = build_backbone(spec.backbone, pretrained, backbone_weights, **{**spec.backbone_kwargs, **kwargs})
+    return build_from_spec(spec, net, feedback_weights=feedback_weights, gradient_scaling=gradient_scaling)
 
 
 def from_predify_config(

@@ -44,6 +44,7 @@ class ModelConfig:
     backbone_weights: str | None = None
     feedback_weights: str | list[str] | None = None
     gradient_scaling: bool | None = None
+    backbone: str | None = None  # a Predify configuration's backbone, e.g. "torchvision/vgg16"
 
     @property
     def is_builtin_demo(self) -> bool:

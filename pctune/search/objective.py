@@ -72,20 +72,45 @@ def score(
         correct += (logits.argmax(-1) == y).sum(1).double().cpu()
         recon += result.errors.double().sum(2).cpu()  # errors: [T+1, N, B]
         seen += len(y)
-    num_classes = net(images[:1].to(device)).shape[-1] if seen == 0 else logits.shape[-1]
-    return _metrics(ce_sum, correct, recon, seen, timesteps, diverged, penalty, num_classes, start)
+    counts = torch.full((timesteps + 1,), float(seen), dtype=torch.float64)
+    if diverged:  # timestep 0 is the feedforward pass, measured before the dynamics diverged: report it
+        ce0, correct0 = _feedforward(net, images[seen:], labels[seen:], batch_size, device)
+        ce_sum[0] += ce0
+        correct[0] += correct0
+        counts[0] = len(images)
+    num_classes = logits.shape[-1] if seen else _num_classes(net, images[:1].to(device))
+    return _metrics(ce_sum, correct, recon, counts, timesteps, diverged, penalty, num_classes, start)
 
 
-def _metrics(ce_sum: Tensor, correct: Tensor, recon: Tensor, seen: int, timesteps: int, diverged: bool,
+@torch.no_grad()
+def _num_classes(net: PredictiveNet, x: Tensor) -> int:
+    return int(net(x).shape[-1])
+
+
+@torch.no_grad()
+def _feedforward(net: PredictiveNet, images: Tensor, labels: Tensor, batch_size: int,
+                 device: torch.device) -> tuple[float, float]:
+    """Summed cross-entropy and correct count of the feedforward pass (timestep 0) over ``images``."""
+    ce, correct = 0.0, 0.0
+    for i in range(0, len(images), batch_size):
+        x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        logits = net(x).float()
+        ce += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+    return ce, correct
+
+
+def _metrics(ce_sum: Tensor, correct: Tensor, recon: Tensor, counts: Tensor, timesteps: int, diverged: bool,
              penalty: float | None, num_classes: int, start: float) -> dict[str, float]:
     penalty = default_penalty(num_classes) if penalty is None else float(penalty)
+    seen = int(counts[1].item())
     count = max(seen, 1)
-    ce = (ce_sum / count).tolist()
-    acc = (correct / count).tolist()
+    ce = (ce_sum / counts.clamp(min=1)).tolist()
+    acc = (correct / counts.clamp(min=1)).tolist()
     per_t = recon / count  # [T+1, N]
     errors = per_t[1:].mean(0).tolist()
     if diverged:
-        ce = [penalty] * (timesteps + 1) if seen == 0 else [ce[0]] + [penalty] * timesteps
+        ce = [ce[0]] + [penalty] * timesteps
         errors = [e if math.isfinite(e) else penalty for e in errors]
         per_t = torch.where(torch.isfinite(per_t), per_t, torch.full_like(per_t, penalty))
     mean_ce = sum(ce[1:]) / timesteps

@@ -55,6 +55,8 @@ def load_job_model(job: Job, log: Log = _print) -> tuple[ModelSpec, PredictiveNe
     spec = copy.deepcopy(get_spec(cfg.name))
     if cfg.gradient_scaling is not None:
         spec.gradient_scaling = cfg.gradient_scaling
+    if cfg.backbone:
+        spec.backbone = cfg.backbone
     backbone_weights, feedback_weights = cfg.backbone_weights, cfg.feedback_weights
     if cfg.is_builtin_demo:
         from pctune.data.demo import ensure_demo_model
@@ -64,7 +66,8 @@ def load_job_model(job: Job, log: Log = _print) -> tuple[ModelSpec, PredictiveNe
     elif feedback_weights is None:
         log(f"warning: {job.source}: model.feedback_weights is not set; the decoders are untrained")
     net = create_model(cfg.name, pretrained=cfg.pretrained, feedback_weights=feedback_weights,
-                       gradient_scaling=spec.gradient_scaling, backbone_weights=backbone_weights)
+                       gradient_scaling=spec.gradient_scaling, backbone_weights=backbone_weights,
+                       backbone=cfg.backbone)
     return spec, net
 
 

@@ -48,7 +48,7 @@ def _build(artifacts: dict[str, str]) -> tuple[PredictiveNet, Hyperparameters, i
     from pctune.models import create_model
 
     manifest = json.loads(Path(artifacts["manifest"]).read_text())
-    net = create_model(artifacts["spec"], pretrained=manifest["pretrained"],
+    net = create_model(artifacts["spec"], pretrained=manifest["pretrained"], backbone=manifest.get("backbone"),
                        backbone_weights=artifacts.get("backbone"), feedback_weights=artifacts["feedback"])
     hparams = Hyperparameters.from_mapping(tomllib.loads(Path(artifacts["hparams"]).read_text()), net.num_pcoders)
     return net, hparams, int(manifest["timesteps"])
@@ -56,7 +56,7 @@ def _build(artifacts: dict[str, str]) -> tuple[PredictiveNet, Hyperparameters, i
 
 def register_champion(uri: str, run_id: str, net: PredictiveNet, hparams: Hyperparameters, *, model_name: str,
                       spec_path: str | Path, timesteps: int, pretrained: bool,
-                      backbone_weights: str | Path | None = None) -> str:
+                      backbone_weights: str | Path | None = None, backbone: str | None = None) -> str:
     """Log the network under ``run_id``, register it as ``model_name`` and point ``champion`` at it.
     Returns the registered version."""
     from pctune.models.weights import save_feedback_weights
@@ -66,7 +66,8 @@ def register_champion(uri: str, run_id: str, net: PredictiveNet, hparams: Hyperp
         shutil.copy(spec_path, tmp / "spec.toml")
         save_feedback_weights(net, tmp / "feedback.pt")
         (tmp / "hparams.toml").write_text(hparams.to_toml())
-        (tmp / "manifest.json").write_text(json.dumps({"pretrained": pretrained, "timesteps": timesteps}))
+        (tmp / "manifest.json").write_text(json.dumps({"pretrained": pretrained, "timesteps": timesteps,
+                                                           "backbone": backbone}))
         artifacts = {name: str(tmp / f) for name, f in [("spec", "spec.toml"), ("feedback", "feedback.pt"),
                                                         ("hparams", "hparams.toml"), ("manifest", "manifest.json")]}
         if backbone_weights is None and not pretrained:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from pctune.errors import PctuneError
+from pctune.utils import first_line
 
 LOCAL_DB = "mlflow.db"
 
@@ -30,11 +32,20 @@ def ui_command(uri: str) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail with one line, before any trial starts, when a tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return
+    """Fail with one line, before any trial starts, when the tracking store cannot take the search: a
+    server that does not answer, a local store in a folder this process cannot write, or a URI that
+    MLflow does not know."""
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri, timeout)
+    elif uri.startswith("sqlite:///"):
+        _check_writable(Path(uri[len("sqlite:///"):]), uri)
+    elif uri.startswith("file://") or "://" not in uri:
+        _check_writable(Path(uri[len("file://"):] if uri.startswith("file://") else uri) / "probe", uri)
+    else:
+        _check_scheme(uri)
+
+
+def _check_server(uri: str, timeout: float) -> None:
     url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -43,3 +54,26 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise PctuneError(f"MLflow tracking server {uri} is unreachable ({reason})") from exc
+
+
+def _check_writable(path: Path, uri: str) -> None:
+    """The store's file (or a file in its folder) can be created and written: create and delete a probe."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pctune-probe-"):
+            pass
+    except OSError as exc:
+        raise PctuneError(f"MLflow tracking store {uri} is not writable ({first_line(exc)})") from exc
+
+
+def _check_scheme(uri: str) -> None:
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri)
+    except Exception as exc:  # MLflow's own exception types
+        reason = first_line(exc).split(". ")[0].rstrip(".")
+        raise PctuneError(f"MLflow cannot use the tracking URI {uri!r} ({reason})") from exc
