@@ -46,11 +46,12 @@ def search(job: Job, log: Log = print) -> dict[str, Any]:
         _mark_killed(logger.tracker, log)
         raise
     try:
-        sync(job, uri, log=log)
+        synced = sync(job, uri, log=log)
     except Exception as exc:
         logger.fail(exc)
         return summary
-    log(f"MLflow: experiment {experiment_name(job)!r} at {uri}; browse with: {ui_command(uri)}")
+    log(f"MLflow: experiment {experiment_name(job)!r} at {uri}; browse with: "
+        f"{ui_command(uri, synced['experiment_id'])}")
     if job.promotion.stages and job.promotion.auto:
         summary["promotion"] = promote(job, log=log)
     return summary
@@ -93,7 +94,8 @@ def _parent_params(job: Job, run_dir: RunDir) -> dict[str, Any]:
             "seed": job.search.seed, "strategy": job.search.strategy, "num_samples": job.search.num_samples,
             "num_images": record.get("num_images", job.data.num_images), "sigma": job.objective.sigma,
             "timesteps": job.objective.timesteps, "data_source": job.data.source,
-            "dataset_digest": record.get("dataset_digest", "unknown"), "space": record.get("space", "")}
+            "dataset_digest": record.get("dataset_digest", "unknown"), "space": record.get("space", ""),
+            "unreadable_images": len(record.get("unreadable_images", []))}
 
 
 # -- sync -------------------------------------------------------------------------------------------
@@ -121,7 +123,8 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     else:
         register(job, tracker, best, log)
     tracker.finish()
-    return {"added": added, "trials": len(trials), "parent_run_id": tracker.parent_id, **summary}
+    return {"added": added, "trials": len(trials), "parent_run_id": tracker.parent_id,
+            "experiment_id": tracker.experiment_id, **summary}
 
 
 def _baselines(run_dir: RunDir) -> dict[str, dict]:

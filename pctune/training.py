@@ -105,7 +105,11 @@ def _resume(net: PredictiveNet, optimizer, path: Path | None, log) -> list[dict]
     if not path.is_file():
         log(f"no checkpoint at {path}: starting from scratch")
         return []
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from pctune.models.backbones import load_checkpoint
+
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not {"model", "decoders", "optimizer", "history"} <= set(state):
+        raise PctuneError(f"{path}: not a train-feedback checkpoint (delete it, or run without --resume)")
     if state.get("model") != net.name:
         raise PctuneError(f"{path} was trained for {state.get('model')!r}, not {net.name!r}")
     net.decoders.load_state_dict(state["decoders"])

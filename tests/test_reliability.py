@@ -234,3 +234,83 @@ def test_a_layer_asking_for_petabytes_is_refused_by_name(tmp_path):
     path.write_text(spec)
     with pytest.raises(PctuneError, match=r"pcoder2.*ConvTranspose2d would have 4e\+16 parameters"):
         pctune.create_model(path)
+
+
+def _image_folder(root: Path, classes: int, per_class: int = 3, corrupt: int = 0) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.random.default_rng(c * 100 + i).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c:02d}" / f"{i}.png")
+    for i in range(corrupt):
+        (root / "class00" / f"broken{i}.png").write_bytes(b"not a png at all")
+    return root
+
+
+def test_data_whose_classes_do_not_match_the_model_is_refused_before_any_trial(tmp_path, capsys):
+    data = _image_folder(tmp_path / "val", classes=2)
+    assert main(["search", "demo", "--data", str(data), "--set", 'data.source="imagenet-val"', "--num-images", "4",
+                 "--storage-path", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has 2 class folders but demo predicts 10 classes" in err, err
+
+
+def test_an_unreadable_image_is_skipped_and_listed_or_fails_by_name(tmp_path):
+    from pctune.data.subsets import load_val_subset
+    from pctune.errors import PctuneError
+    from pctune.search.job import load_job
+    from pctune.search.prepare import load_job_model, noisy_images
+
+    data = _image_folder(tmp_path / "val", classes=10, per_class=2, corrupt=1)
+    skipped: list[str] = []
+    _images, labels = load_val_subset(data, 21, 0, image_size=16, unreadable=skipped)
+    assert len(labels) == 20 and skipped == [str(data / "class00" / "broken0.png")]
+    overrides = {"data.source": "imagenet-val", "data.path": str(data), "data.num_images": 21, "data.workers": 0,
+                 "data.unreadable": "fail"}
+    job = load_job("demo", overrides)
+    spec, _net = load_job_model(job, log=lambda _m: None)
+    with pytest.raises(PctuneError, match="broken0.png: cannot be read as an image"):
+        noisy_images(job, spec, [])
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage, not a checkpoint", None])
+def test_train_feedback_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, content):
+    import torch
+
+    data = _image_folder(tmp_path / "train", classes=10, per_class=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    if content is None:  # a pickle with more than tensors: refused without torch's "weights_only=False" advice
+        torch.save({"model": "demo", "decoders": {}, "optimizer": {}, "history": [], "x": _Hostile(tmp_path / "m")},
+                   out / "last.pt")
+    else:
+        (out / "last.pt").write_bytes(content)
+    assert main(["train-feedback", "demo", "--data", str(data), "--out", str(out), "--epochs", "1", "--workers", "0",
+                 "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "last.pt: cannot be read as a PyTorch checkpoint" in err, err
+    assert "weights_only=False" not in err and "weights_only" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_flag_does_not_hide_an_invalid_value_in_the_job_file(tmp_path, capsys):
+    job = _demo_job(tmp_path).read_text().replace("num_samples = 40", "num_samples = -3")
+    (tmp_path / "bad.toml").write_text(job)
+    assert main(["search", str(tmp_path / "bad.toml"), "--num-samples", "2", "--storage-path", str(tmp_path)]) == 2
+    assert "search.num_samples: must be >= 1, got -3" in capsys.readouterr().err
+
+
+def test_a_data_folder_given_to_the_digits_demo_is_an_error_not_ignored(tmp_path, capsys):
+    assert main(["search", "demo", "--data", "/does/not/exist", "--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the digits source has its own images" in err
+
+
+def test_the_printed_mlflow_line_opens_the_experiments_runs_view():
+    from pctune.tracking.store import ui_command
+
+    assert ui_command("http://127.0.0.1:5000/", "7") == "open http://127.0.0.1:5000/#/experiments/7/runs in a browser"
+    assert ui_command("sqlite:///x/mlflow.db", "3").endswith("then open http://127.0.0.1:5000/#/experiments/3/runs")

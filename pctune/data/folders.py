@@ -43,3 +43,14 @@ def image_folder(root: str | Path, split: str = "val", image_size: int = 224, gr
         return datasets.ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise PctuneError(f"{root}: not an image folder ({first_line(exc)})") from exc
+
+
+def folder_classes(root: str | Path) -> list[str]:
+    """The class folders of an ImageNet-style folder, sorted (the order ImageFolder maps to outputs)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PctuneError(f"{root}: no such directory")
+    try:
+        return datasets.folder.find_classes(str(root))[0]
+    except FileNotFoundError as exc:
+        raise PctuneError(f"{root}: not an image folder ({first_line(exc)})") from exc

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from pctune.data.folders import image_folder
 from pctune.errors import PctuneError
+from pctune.utils import first_line
 
 
 def subset_indices(total: int, num_images: int, seed: int) -> list[int]:
@@ -29,14 +30,47 @@ def seeded_subset(total: int, num_images: int | None, seed: int) -> list[int]:
 
 
 def load_val_subset(root: str | Path, num_images: int | None, seed: int, image_size: int = 224,
-                    workers: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
+                    workers: int = 0, normalize: bool = True,
+                    unreadable: list[str] | None = None) -> tuple[Tensor, Tensor]:
     """(images [N, C, H, W] with the standard val transform, labels [N]) of a fixed subset of the
-    ImageFolder at ``root`` (all of it for ``num_images=None``); ``normalize=False``: pixels in [0, 1]."""
+    ImageFolder at ``root`` (all of it for ``num_images=None``); ``normalize=False``: pixels in [0, 1].
+
+    An image that cannot be decoded is an error naming the file, unless ``unreadable`` is a list: then
+    it is left out and its path appended there."""
     dataset = image_folder(root, split="val", image_size=image_size, normalize=normalize)
-    subset = torch.utils.data.Subset(dataset, seeded_subset(len(dataset), num_images, seed))
+    subset = _Decoded(dataset, seeded_subset(len(dataset), num_images, seed), image_size)
     loader = torch.utils.data.DataLoader(subset, batch_size=64, shuffle=False, num_workers=workers)
-    images, labels = [], []
-    for x, y in loader:
-        images.append(x)
-        labels.append(y)
+    images, labels, position = [], [], 0
+    for x, y, ok in loader:
+        for j in (~ok).nonzero().flatten().tolist():
+            path = dataset.samples[subset.indices[position + j]][0]
+            if unreadable is None:
+                reason = subset.errors.get(position + j, "unreadable")
+                raise PctuneError(f"{path}: cannot be read as an image ({reason})")
+            unreadable.append(path)
+        position += len(y)
+        images.append(x[ok])
+        labels.append(y[ok])
+    if not any(len(y) for y in labels):
+        raise PctuneError(f"{root}: none of the {position} images could be read")
     return torch.cat(images), torch.cat(labels)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """The images at ``indices`` of an ImageFolder, each with a flag: False (and a blank image) where the
+    file could not be decoded, so that one bad file is reported instead of ending the whole load."""
+
+    def __init__(self, dataset, indices: list[int], image_size: int) -> None:
+        self.dataset, self.indices, self.size = dataset, indices, image_size
+        self.errors: dict[int, str] = {}  # filled in this process only (workers=0); the path is always known
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        try:
+            x, y = self.dataset[self.indices[i]]
+            return x, y, True
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            self.errors[i] = first_line(exc)
+            return torch.zeros(3, self.size, self.size), self.dataset.targets[self.indices[i]], False

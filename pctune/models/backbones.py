@@ -3,6 +3,7 @@ weights from the model hubs or from a local file."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def _timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     """Load a state dict saved with ``torch.save(model.state_dict())`` (optionally wrapped in
     ``{"state_dict": ...}`` or ``{"model": ...}``)."""
-    state = _load(path)
+    state = load_checkpoint(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -96,11 +97,19 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         raise PctuneError(f"{path}: does not match the backbone: {first_line(exc)}") from exc
 
 
-def _load(path: str | Path) -> Any:
+def load_checkpoint(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise PctuneError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise PctuneError(f"{path}: cannot be read as a PyTorch checkpoint: {first_line(exc)}") from exc
+        raise PctuneError(f"{path}: cannot be read as a PyTorch checkpoint: {_load_failure(exc)}") from exc
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why a weights-only load failed, without torch's advice to load the file with weights_only=False
+    (that would run whatever code the file holds)."""
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Weights only" in str(exc):
+        return "it holds Python objects besides tensors, which pctune never unpickles (only plain weights load)"
+    return first_line(exc)

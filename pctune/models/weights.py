@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pctune.errors import PctuneError
-from pctune.models.backbones import _load
+from pctune.models.backbones import load_checkpoint
 from pctune.pc.network import PredictiveNet
 from pctune.utils import atomic_torch_save, first_line
 
@@ -39,7 +39,7 @@ def load_feedback_weights(net: PredictiveNet, source: str | Path | Sequence[str 
     elif isinstance(source, str | Path) and Path(source).is_dir():
         _load_per_pcoder(net, _predify_files(net, Path(source)))
     elif isinstance(source, str | Path):
-        obj = _load(source)
+        obj = load_checkpoint(source)
         if isinstance(obj, Mapping) and "decoders" in obj:
             obj = obj["decoders"]
         _load_decoders(net, obj, str(source))
@@ -73,7 +73,7 @@ def _load_per_pcoder(net: PredictiveNet, files: Sequence[Path]) -> None:
     if len(files) != net.num_pcoders:
         raise PctuneError(f"{net.name} has {net.num_pcoders} pcoders but {len(files)} feedback files were given")
     for n, path in enumerate(files, start=1):
-        state = _load(path)
+        state = load_checkpoint(path)
         if isinstance(state, Mapping) and "pcoderweights" in state:
             state = {k[len("pmodule."):]: v for k, v in state["pcoderweights"].items() if k.startswith("pmodule.")}
         if not isinstance(state, Mapping):

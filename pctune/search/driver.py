@@ -318,6 +318,7 @@ def _job_record(prep: Prepared) -> dict:
             "num_pcoders": prep.net.num_pcoders, "space": str(job.space_path.resolve()),
             "space_description": prep.space.describe(), "strategy": job.search.strategy,
             "metric": METRIC, "mode": MODE, "penalty": prep.penalty, "num_images": len(prep.labels),
+            "unreadable_images": prep.unreadable,
             "starting_points": [{"label": p.label, "config": hparams_to_config(p.hparams)}
                                 for p in prep.starting_points],
             "job": asdict(job)}

@@ -60,6 +60,7 @@ class DataConfig:
     seed: int = 0
     image_size: int | None = None
     workers: int = 2
+    unreadable: str = "skip"  # an image that cannot be decoded: "skip" it (listed in the results) or "fail"
 
 
 @dataclass
@@ -144,11 +145,38 @@ class Job:
 def load_job(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Job:
     """Read and validate a job; ``overrides`` maps dotted keys (``search.num_samples``) to values."""
     path = resolve_job_path(name_or_path)
-    data = copy.deepcopy(read_toml(path))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(data, key, value, str(path))
+    written = read_toml(path)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    _check_replaced_values(written, given, path)
+    data = copy.deepcopy(written)
+    for key, value in given.items():
+        set_dotted(data, key, value, str(path))
     return job_from_mapping(data, source=str(path), name=path.stem)
+
+
+def _check_replaced_values(written: Mapping, given: Mapping[str, Any], path: Path) -> None:
+    """A flag must not hide an invalid value in the file: check the file with only the other flags
+    applied, and report an error about a value a flag replaces (other errors may be what flags fix)."""
+    replaced = [key for key in given if _has_dotted(written, key)]
+    if not replaced:
+        return
+    data = copy.deepcopy(written)
+    for key, value in given.items():
+        if key not in replaced:
+            set_dotted(data, key, value, str(path))
+    try:
+        job_from_mapping(data, source=str(path), name=path.stem)
+    except PctuneError as exc:
+        if any(f"{key}:" in str(exc) for key in replaced):
+            raise
+
+
+def _has_dotted(data: Mapping, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, Mapping) or part not in data:
+            return False
+        data = data[part]
+    return True
 
 
 def set_dotted(data: dict, key: str, value: Any, where: str = "<job>") -> None:
@@ -201,6 +229,9 @@ def job_from_mapping(data: Mapping[str, Any], source: str = "<job>", name: str =
         tracking=read_table(TrackingConfig, tables["tracking"], source, "tracking"),
         promotion=_promotion(tables["promotion"], source),
     )
+    if job.data.source == "digits" and job.data.path:
+        raise PctuneError(f"{source}: data.path: the digits source has its own images and reads no folder "
+                          f"({job.data.path}); set data.source = \"imagenet-val\" to search on a folder")
     if job.data.source == "imagenet-val" and not job.data.path:
         raise PctuneError(f"{source}: data.path: the ImageNet validation folder is required "
                           "(or pass --data PATH)")
@@ -234,6 +265,8 @@ def _data(table: Any, source: str) -> DataConfig:
         raise error(source, "data.num_images", f"must be > 0, got {cfg.num_images}")
     at_least(cfg.image_size, 1, source, "data.image_size")
     at_least(cfg.workers, 0, source, "data.workers")
+    if cfg.unreadable not in ("skip", "fail"):
+        raise error(source, "data.unreadable", f"must be 'skip' or 'fail', got {cfg.unreadable!r}")
     return cfg
 
 

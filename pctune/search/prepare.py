@@ -45,6 +45,7 @@ class Prepared:
     images: np.ndarray
     labels: np.ndarray
     penalty: float
+    unreadable: list[str] = field(default_factory=list)  # images skipped because they cannot be decoded
 
 
 def load_job_model(job: Job, log: Log = _print) -> tuple[ModelSpec, PredictiveNet]:
@@ -71,37 +72,58 @@ def load_job_model(job: Job, log: Log = _print) -> tuple[ModelSpec, PredictiveNe
     return spec, net
 
 
-def noisy_images(job: Job, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed image subset with its noise (drawn once from the seed), as numpy arrays."""
+def noisy_images(job: Job, spec: ModelSpec, unreadable: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed image subset with its noise (drawn once from the seed), as numpy arrays. With
+    ``data.unreadable = "skip"``, images that cannot be decoded are left out and listed in ``unreadable``."""
     import torch
 
     from pctune.data.noise import add_gaussian_noise
-    from pctune.data.subsets import subset_indices
 
     data = job.data
-    if data.source == "digits":
-        from pctune.data.demo import digits
-
-        images, labels = digits("test", image_size=data.image_size or spec.input_size[-1])
-        try:
-            idx = subset_indices(len(labels), data.num_images, data.seed)
-        except PctuneError as exc:
-            raise PctuneError(f"{job.source}: data.num_images: {exc}") from exc
-        images, labels = images[idx], labels[idx]
-    else:
-        from pctune.data.subsets import load_val_subset
-
-        try:
-            images, labels = load_val_subset(data.path, data.num_images, data.seed,
-                                             data.image_size or spec.input_size[-1], data.workers)
-        except PctuneError as exc:
-            raise PctuneError(f"{job.source}: data: {exc}") from exc
+    try:
+        images, labels = _clean_subset(job, spec, unreadable if data.unreadable == "skip" else None)
+    except PctuneError as exc:
+        raise PctuneError(f"{job.source}: data: {exc}") from exc
     if images.shape[1] != spec.input_size[0]:
         raise PctuneError(f"{job.source}: data: images have {images.shape[1]} channels but {spec.name} expects "
                           f"{spec.input_size[0]}")
     seed = job.objective.noise_seed if job.objective.noise_seed is not None else data.seed
     noisy = add_gaussian_noise(images.float(), job.objective.sigma, seed)
     return noisy.contiguous().numpy(), labels.to(torch.int64).numpy()
+
+
+def _clean_subset(job: Job, spec: ModelSpec, unreadable: list[str] | None):
+    data, size = job.data, job.data.image_size or spec.input_size[-1]
+    if data.source == "digits":
+        from pctune.data.demo import digits
+        from pctune.data.subsets import subset_indices
+
+        images, labels = digits("test", image_size=size)
+        idx = subset_indices(len(labels), data.num_images, data.seed)
+        return images[idx], labels[idx]
+    from pctune.data.subsets import load_val_subset
+
+    return load_val_subset(data.path, data.num_images, data.seed, size, data.workers, unreadable=unreadable)
+
+
+def check_classes(job: Job, net: PredictiveNet) -> int:
+    """The model's number of classes, checked against the data's before any image is loaded: class
+    folders are mapped to the outputs in sorted order, so the counts must agree."""
+    import torch
+
+    with torch.no_grad():
+        num_classes = int(net(torch.zeros(1, *net.input_size, device=next(net.parameters()).device)).shape[-1])
+    if job.data.source == "digits":
+        found, where = 10, "the digits have 10 classes"
+    else:
+        from pctune.data.folders import folder_classes
+
+        found = len(folder_classes(job.data.path))
+        where = f"data.path: {job.data.path} has {found} class folders"
+    if found != num_classes:
+        raise PctuneError(f"{job.source}: {where} but {job.model.name} predicts {num_classes} classes "
+                          "(class folders are mapped to the outputs in sorted order)")
+    return num_classes
 
 
 def starting_points(job: Job, net: PredictiveNet, space: SearchSpace) -> list[StartingPoint]:
@@ -151,14 +173,10 @@ def prepare(job: Job, log: Log = _print) -> Prepared:
         if space.shared:
             raise PctuneError(f"{job.source}: search.strategy = 'per-pcoder' needs a space with shared = false "
                               f"({space_path})")
-    images, labels = noisy_images(job, spec)
-    with_classes = net(_first(images, net)).shape[-1]
-    penalty = job.objective.divergence_penalty or default_penalty(with_classes)
-    return Prepared(job, spec, net, space, points, images, labels, penalty)
-
-
-def _first(images: np.ndarray, net: PredictiveNet):
-    import torch
-
-    with torch.no_grad():
-        return torch.from_numpy(images[:1].copy()).to(next(net.parameters()).device)
+    num_classes = check_classes(job, net)
+    unreadable: list[str] = []
+    images, labels = noisy_images(job, spec, unreadable)
+    if unreadable:
+        log(f"warning: {len(unreadable)} unreadable images skipped (listed in job.json), e.g. {unreadable[0]}")
+    penalty = job.objective.divergence_penalty or default_penalty(num_classes)
+    return Prepared(job, spec, net, space, points, images, labels, penalty, unreadable)

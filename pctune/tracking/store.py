@@ -24,11 +24,13 @@ def resolve_tracking_uri(explicit: str | None = None, directory: str | Path | No
     return f"sqlite:///{path}"
 
 
-def ui_command(uri: str) -> str:
-    """The line a user runs (or opens) to browse ``uri``."""
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """The line a user runs (or opens) to browse ``uri``: with an experiment, the URL of its runs view
+    (MLflow 3's UI opens an experiment on its GenAI overview otherwise)."""
+    view = f"/#/experiments/{experiment_id}/runs" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {uri.rstrip('/')}{view} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}" + (f", then open http://127.0.0.1:5000{view}" if view else "")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
