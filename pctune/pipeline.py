@@ -173,7 +173,9 @@ class Candidate:
 
 def candidates(job: Job, top_k: int) -> list[Candidate]:
     """The ``top_k`` best configurations of the job's search, by the one ranking."""
-    ranking = RunDir(job.run_dir).ranking()[:top_k]
+    run_dir = RunDir(job.run_dir)
+    run_dir.require_search(job.name)
+    ranking = run_dir.ranking()[:top_k]
     if not ranking:
         raise PctuneError(f"no finished trial in {job.run_dir} to promote")
     return [Candidate(f"rank{i}", e.key, e) for i, e in enumerate(ranking, start=1)]
