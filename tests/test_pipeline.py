@@ -14,14 +14,7 @@ from pctune import Hyperparameters
 from pctune.models import save_feedback_weights
 from pctune.search.job import load_job
 from pctune.search.rundir import RunDir
-
-SPACE = """
-num_pcoders = 3
-[default]
-beta = { low = 0.1, high = 0.9 }
-lambda = { low = 0.0, high = 0.5 }
-alpha = { low = 1e-3, high = 0.5, log = true }
-"""
+from tests.test_search import SPACE
 
 
 def _write_job(root: Path, uri: str) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pctune.errors import PctuneError
 from pctune.models.layers import LAYER_TYPES, normalize_layer
-from pctune.models.spec import ModelSpec, PcoderSpec
+from pctune.models.spec import ModelSpec, PcoderSpec, parse_input_size
 from pctune.pc.hyperparameters import Hyperparameters
 
 _PREFIXES = ("torch.nn.", "nn.")
@@ -105,20 +105,12 @@ def spec_from_predify(data: Mapping[str, Any], source: str = "<predify config>",
         name=str(data.get("name", "predify-network")),
         backbone=backbone or str(data.get("backbone", "")),
         pcoders=pcoders,
-        input_size=_input_size(data.get("input_size", (3, 224, 224)), source),
+        input_size=parse_input_size(data.get("input_size", (3, 224, 224)), source),
         gradient_scaling=bool(data.get("gradient_scaling", False)),
         description=f"imported from Predify configuration {source}",
         presets={"default": default},
         source=source,
     )
-
-
-def _input_size(value: Any, source: str) -> tuple[int, int, int]:
-    try:
-        c, h, w = (int(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise PctuneError(f"{source}: input_size must be [channels, height, width], got {value!r}") from exc
-    return c, h, w
 
 
 def _check_import(line: str, source: str) -> None:

@@ -70,7 +70,7 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Mod
         name=str(data["name"]),
         backbone=str(data["backbone"]),
         pcoders=pcoders,
-        input_size=_input_size(data.get("input_size", (3, 224, 224)), where),
+        input_size=parse_input_size(data.get("input_size", (3, 224, 224)), where),
         gradient_scaling=bool(data.get("gradient_scaling", False)),
         description=str(data.get("description", "")),
         backbone_kwargs=dict(data.get("backbone_kwargs", {})),
@@ -85,7 +85,7 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Mod
     return spec
 
 
-def _input_size(value: Any, where: str) -> tuple[int, int, int]:
+def parse_input_size(value: Any, where: str) -> tuple[int, int, int]:
     try:
         c, h, w = (int(v) for v in value)
     except (TypeError, ValueError) as exc:
