@@ -56,7 +56,7 @@ def main() -> None:
             torch.manual_seed(0)
             net = pctune.create_model(name).to(args.device)
             plan = ic.plan_released(root, ["fog"], [1], clean=None, num_classes=1000)
-            payload = ic.Payload(net, net.hyperparameters("tuned"), args.timesteps, plan, 224,
+            payload = ic.CorruptionPayload(net, net.hyperparameters("tuned"), args.timesteps, plan, 224,
                                  (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), batch_size=args.batch_size,
                                  workers=args.workers)
             shard = plan.shards[0]

@@ -40,7 +40,7 @@ from pctune.utils import pyplot, save_figure
 
 
 @dataclass
-class Setup:
+class AttackPayload:
     """Everything a shard needs (sent once through the Ray object store)."""
 
     net: PredictiveNet
@@ -127,7 +127,7 @@ def _foolbox_attack(spec: AttackSpec):
     return fb.attacks.HopSkipJumpAttack(steps=spec.steps, constraint="l2", max_gradient_eval_steps=1000)
 
 
-def run_shard(setup: Setup, shard: Shard, seed: int = 0) -> dict[str, Any]:
+def run_shard(setup: AttackPayload, shard: Shard, seed: int = 0) -> dict[str, Any]:
     """Attack one shard; returns per-image success (0/1) per epsilon and timestep."""
     import foolbox as fb
 
@@ -172,7 +172,7 @@ def run_shard(setup: Setup, shard: Shard, seed: int = 0) -> dict[str, Any]:
             "attacked": keep.long().cpu().tolist(), "labels": labels.cpu().tolist(), "seconds": elapsed}
 
 
-def _starting_points(setup: Setup, model: Unrolled, targets: Tensor) -> tuple[Tensor, Tensor]:
+def _starting_points(setup: AttackPayload, model: Unrolled, targets: Tensor) -> tuple[Tensor, Tensor]:
     """For hsj: per image, a pool image the model at this timestep classifies as its target."""
     device = targets.device
     with torch.no_grad():
@@ -193,7 +193,7 @@ def _device(net: PredictiveNet) -> torch.device:
 
 
 # -- running all shards -----------------------------------------------------------------------------
-def run_all(setup: Setup, out_dir: Path, chunk: int = 50, use_ray: bool = True, num_gpus: float = 0.0,
+def run_all(setup: AttackPayload, out_dir: Path, chunk: int = 50, use_ray: bool = True, num_gpus: float = 0.0,
             log: Callable[[str], None] = print, seed: int = 0) -> list[dict]:
     """Run every shard not yet in ``out_dir/shards`` (on Ray, or in this process) and return all results."""
     shards = plan_shards(setup.attacks, len(setup.labels), setup.timesteps, chunk)

@@ -161,7 +161,10 @@ def _check_classes(classes: list[str], num_classes: int, where: Path) -> None:
 
 # -- evaluating one shard -------------------------------------------------------------------------
 @dataclass
-class Payload:
+class CorruptionPayload:
+    """What every ImageNet-C shard needs (sent once through the Ray object store): the network and its
+    configuration, the plan, and how to decode the images."""
+
     net: PredictiveNet
     hparams: Hyperparameters
     timesteps: int
@@ -180,7 +183,7 @@ class _ShardImages(torch.utils.data.Dataset):
     """Decodes (and for the generated source, corrupts) one shard's images; unreadable ones are
     returned as flagged placeholders so they can be listed, not counted."""
 
-    def __init__(self, payload: Payload, shard: CShard) -> None:
+    def __init__(self, payload: CorruptionPayload, shard: CShard) -> None:
         self.items = payload.plan.images[shard.name]
         self.shard = shard
         self.generated = payload.plan.source == "generated" or shard.corruption == "clean"
@@ -245,7 +248,7 @@ def hash_name(name: str) -> int:
     return sum((i + 1) * ord(ch) for i, ch in enumerate(name)) % 100_003
 
 
-def evaluate_shard(payload: Payload, shard: CShard) -> dict:
+def evaluate_shard(payload: CorruptionPayload, shard: CShard) -> dict:
     """Per-image correctness at every timestep for one shard."""
     start = time.perf_counter()
     device = next(payload.net.parameters()).device
@@ -267,7 +270,7 @@ def evaluate_shard(payload: Payload, shard: CShard) -> dict:
             "source": payload.plan.source}
 
 
-def run(payload: Payload, out_dir: Path, use_ray: bool = True, num_gpus: float = 0.0,
+def run(payload: CorruptionPayload, out_dir: Path, use_ray: bool = True, num_gpus: float = 0.0,
         log: Callable[[str], None] = print) -> list[dict]:
     for note in payload.plan.skipped:
         log(f"imagenet-c: skipped: {note}")

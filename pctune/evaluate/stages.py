@@ -74,7 +74,7 @@ def run_imagenet_c(net: PredictiveNet, hparams: Hyperparameters, images: Images,
     from pctune.evaluate import imagenet_c as ic
 
     plan = _corruption_plan(net, images, settings)
-    payload = ic.Payload(net, hparams, settings.timesteps, plan, net.input_size[-1], images.mean, images.std,
+    payload = ic.CorruptionPayload(net, hparams, settings.timesteps, plan, net.input_size[-1], images.mean, images.std,
                          batch_size=settings.batch_size, workers=settings.workers, seed=settings.seed,
                          channels=net.input_size[0], crop=images.crop)
     tables = ic.summarize(ic.run(payload, out, use_ray=settings.use_ray, log=log), resamples=settings.resamples)
@@ -101,7 +101,7 @@ def run_adversarial(net: PredictiveNet, hparams: Hyperparameters, images: Images
     attacks = settings.attacks if settings.attacks is not None else adv.default_attacks()
     idx, targets = adv.select_images(net, hparams, images.pixels, images.labels, images.mean, images.std,
                                      settings.timesteps, settings.num_images, settings.seed)
-    setup = adv.Setup(net, hparams, images.pixels[idx], images.labels[idx], targets, images.pixels,
+    setup = adv.AttackPayload(net, hparams, images.pixels[idx], images.labels[idx], targets, images.pixels,
                       images.mean, images.std, settings.timesteps, attacks)
     results = adv.run_all(setup, out, chunk=settings.chunk, use_ray=settings.use_ray, log=log, seed=settings.seed)
     table = adv.success_table(results, settings.timesteps, resamples=settings.resamples, seed=settings.seed)

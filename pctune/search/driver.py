@@ -32,7 +32,7 @@ from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_pa
 from pctune.search.rundir import COMBINATION, JOB, MARKER, REFERENCES, RunDir
 from pctune.search.samplers import make_sampler
 from pctune.search.space import SearchSpace, SpaceSampler, hparams_to_config
-from pctune.search.trainable import TrialSetup, digest_arrays, run_trial, state_arrays
+from pctune.search.trainable import TrialPayload, digest_arrays, run_trial, state_arrays
 from pctune.search.tune_state import check_ray_version, repair
 
 __all__ = ["MAX_FAILURES", "SearchInterrupted", "check_resources", "connect", "evaluate_points", "run_search"]
@@ -90,19 +90,19 @@ def _runtime_env() -> dict:
     return {"py_modules": [str(Path(pctune.__file__).parent)]}
 
 
-def trial_setup(prep: Prepared) -> TrialSetup:
+def trial_setup(prep: Prepared) -> TrialPayload:
     """Put the model and the noisy images into the object store (once per search)."""
     import ray
 
     state = state_arrays(prep.net)
     data = {"images": prep.images, "labels": prep.labels}
-    return TrialSetup(spec=prep.spec, model_key=digest_arrays(state), model_ref=ray.put(state),
+    return TrialPayload(spec=prep.spec, model_key=digest_arrays(state), model_ref=ray.put(state),
                       data_key=digest_arrays(data), data_ref=ray.put(data),
                       timesteps=prep.job.objective.timesteps, batch_size=prep.job.objective.batch_size,
                       penalty=prep.penalty)
 
 
-def evaluate_points(setup: TrialSetup, points: dict[str, Hyperparameters], resources: dict) -> dict[str, dict]:
+def evaluate_points(setup: TrialPayload, points: dict[str, Hyperparameters], resources: dict) -> dict[str, dict]:
     """Score named points as plain Ray tasks (in parallel), on the same workers and caches as trials."""
     import ray
 
@@ -176,7 +176,7 @@ def _claim_run_dir(job: Job, run_dir: RunDir, log: Log) -> None:
     run_dir.mark()
 
 
-def score_references(prep: Prepared, setup: TrialSetup, run_dir: RunDir, log: Log) -> dict:
+def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log) -> dict:
     """The feedforward baseline and the model's presets, scored once per search."""
     if run_dir.references():
         return run_dir.references()
@@ -192,7 +192,7 @@ def score_references(prep: Prepared, setup: TrialSetup, run_dir: RunDir, log: Lo
     return refs
 
 
-def _tuner(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace, points: list[StartingPoint],
+def _tuner(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpace, points: list[StartingPoint],
            callbacks: list | None) -> tune.Tuner:
     """A new Tune experiment for ``stage``."""
     from ray.tune.search.optuna import OptunaSearch
@@ -212,12 +212,12 @@ def _tuner(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace, po
     )
 
 
-def _trainable(job: Job, setup: TrialSetup):
+def _trainable(job: Job, setup: TrialPayload):
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                {"cpu": job.search.resources["cpu"], "gpu": job.search.resources["gpu"]})
 
 
-def _run_stage(prep: Prepared, setup: TrialSetup, stage: str, space: SearchSpace,
+def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpace,
                points: list[StartingPoint], log: Log, callbacks: list | None = None) -> None:
     job = prep.job
     exp_dir = job.run_dir / stage
@@ -276,7 +276,7 @@ def _stage_finished(exp_dir: Path, num_samples: int) -> bool:
     return sum(1 for t in load_trials(exp_dir) if t.status in ("TERMINATED", "ERROR")) >= num_samples
 
 
-def _per_pcoder(prep: Prepared, setup: TrialSetup, run_dir: RunDir, log: Log, callbacks: list | None = None) -> None:
+def _per_pcoder(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log, callbacks: list | None = None) -> None:
     defaults = prep.net.hyperparameters(prep.job.search.defaults)
     winners = []
     for n in range(1, prep.space.num_pcoders + 1):

@@ -29,8 +29,9 @@ STATS = {"model_loads": 0, "data_loads": 0}
 
 
 @dataclass
-class TrialSetup:
-    """Everything a trial needs besides its config; small (the big parts are ObjectRefs)."""
+class TrialPayload:
+    """Everything a trial needs besides its config, sent once per search; small (the big parts are
+    ObjectRefs). Like the promotion stages' ``CorruptionPayload`` and ``AttackPayload``."""
 
     spec: ModelSpec
     model_key: str
@@ -91,7 +92,7 @@ def _set_threads() -> None:
         torch.set_num_threads(max(1, int(cpus)))
 
 
-def materialize(setup: TrialSetup, device: torch.device) -> tuple[PredictiveNet, torch.Tensor, torch.Tensor]:
+def materialize(setup: TrialPayload, device: torch.device) -> tuple[PredictiveNet, torch.Tensor, torch.Tensor]:
     """The cached model and images of ``setup`` on ``device`` (fetched and built on a cache miss)."""
     import ray
 
@@ -118,7 +119,7 @@ def _trim(cache: OrderedDict) -> None:
         cache.popitem(last=False)
 
 
-def evaluate(setup: TrialSetup, hparams: Hyperparameters) -> dict[str, float]:
+def evaluate(setup: TrialPayload, hparams: Hyperparameters) -> dict[str, float]:
     """Score ``hparams`` in this process (a Tune trial or a plain Ray task)."""
     _set_threads()
     device = trial_device()
@@ -130,7 +131,7 @@ def evaluate(setup: TrialSetup, hparams: Hyperparameters) -> dict[str, float]:
     return metrics
 
 
-def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+def run_trial(config: dict[str, Any], setup: TrialPayload) -> None:
     """The Ray Tune function trainable: one evaluation, reported once."""
     from ray import tune
 
@@ -150,6 +151,6 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def evaluate_task(setup: TrialSetup, hparams_mapping: dict) -> dict[str, float]:
+def evaluate_task(setup: TrialPayload, hparams_mapping: dict) -> dict[str, float]:
     """Body of the Ray task that scores reference points (feedforward, presets, combinations)."""
     return evaluate(setup, Hyperparameters.from_mapping(hparams_mapping))
