@@ -12,6 +12,9 @@ from pctune.data.demo import digits, digits_normalization, ensure_demo_model
 from pctune.evaluate.adversarial import AttackSpec, Setup, Shard, run_all, run_shard, select_images, success_table
 from pctune.evaluate.unrolled import Unrolled
 
+# The module's fixture trains the demo network (about 20 s of CPU) and the attacks take minutes.
+pytestmark = pytest.mark.slow
+
 T = 2
 
 

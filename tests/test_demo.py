@@ -19,6 +19,7 @@ def test_digits_are_real_images_upsampled_and_normalized():
     assert set(y.tolist()) == set(range(10))
 
 
+@pytest.mark.slow
 def test_pctune_search_demo_beats_the_feedforward_baseline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PCTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")

@@ -21,11 +21,14 @@ def _strong_hparams(n, alpha):
     return Hyperparameters(beta, lam, [alpha] * n)
 
 
+# Timestep 0 equal to the backbone, the feedforward coefficients, the output shape and batch against
+# image-by-image are checked for every registered model at a small input in test_engine_contract.py;
+# here at a second input size.
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["pvgg16", "peffnetb0"])
-@pytest.mark.parametrize("size", [32, 64])
-def test_timestep_zero_is_the_backbone(model, size, request):
+def test_timestep_zero_is_the_backbone_at_64_pixels(model, request):
     net = request.getfixturevalue(model)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(64))
     with torch.no_grad():
         expected = net.backbone(x)
     logits = net.run(x, timesteps=2, hparams="default")
@@ -33,17 +36,13 @@ def test_timestep_zero_is_the_backbone(model, size, request):
     assert torch.equal(logits[0], expected)
 
 
-@pytest.mark.parametrize("model", ["pvgg16", "peffnetb0"])
-def test_feedforward_hyperparameters_keep_every_timestep(model, request):
-    net = request.getfixturevalue(model)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    logits = net.run(x, timesteps=3, hparams=Hyperparameters.feedforward(net.num_pcoders))
-    for t in range(1, 4):
-        assert torch.equal(logits[t], logits[0])
-
-
-@pytest.mark.parametrize("model,size", [("pvgg16", 32), ("pvgg16", 64), ("peffnetb0", 32), ("peffnetb0", 64)])
-@pytest.mark.parametrize("scaling", [False, True])
+# `-m "not slow"` keeps one case per model, with and without gradient scaling.
+@pytest.mark.parametrize("model,size,scaling", [
+    ("pvgg16", 32, True), ("peffnetb0", 32, False),
+    *(pytest.param(model, size, scaling, marks=pytest.mark.slow)
+      for model, size, scaling in [("pvgg16", 32, False), ("peffnetb0", 32, True), ("pvgg16", 64, False),
+                                   ("pvgg16", 64, True), ("peffnetb0", 64, False), ("peffnetb0", 64, True)]),
+])
 def test_engine_matches_straightforward_implementation(model, size, scaling, request):
     net = request.getfixturevalue(model)
     net.gradient_scaling = scaling
@@ -70,17 +69,6 @@ def test_top_pcoder_lambda_is_ignored(pvgg16):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("model", ["pvgg16", "peffnetb0"])
-def test_batch_results_equal_image_by_image(model, request):
-    net = request.getfixturevalue(model)
-    net.gradient_scaling = False
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    hp = _strong_hparams(net.num_pcoders, 50.0)
-    batch = net.run(x, 3, hp)
-    single = torch.cat([net.run(x[i : i + 1], 3, hp) for i in range(4)], dim=1)
-    assert _close(batch, single, rtol=1e-5)
-
-
 def test_return_states_shapes_and_consistency(pvgg16):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     hp = _strong_hparams(5, 50.0)
@@ -96,6 +84,7 @@ def test_return_states_shapes_and_consistency(pvgg16):
     assert torch.allclose(result.reconstructions[0], pvgg16.decoders[0](rep))
 
 
+@pytest.mark.slow
 def test_exact_gradient_mode_matches_finite_differences():
     torch.manual_seed(0)
     net = pctune.create_model("presnet18", num_classes=5).double()

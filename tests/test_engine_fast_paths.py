@@ -105,7 +105,7 @@ def _hp(n, alpha):
     return Hyperparameters(beta, [(1 - b) * 0.5 for b in beta], alpha)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 50.0])
+@pytest.mark.parametrize("alpha", [pytest.param(0.0, marks=pytest.mark.slow), 50.0])
 def test_inference_equals_the_differentiable_path(vgg, alpha):
     """grad_mode='none' (in-place updates, graph-free VJPs, skipped decoders) against the
     constant-error mode's plain autograd formulation, which has the same value."""
@@ -147,6 +147,7 @@ def test_encoder_returning_its_input_is_not_modified_in_place():
     assert _rel(got, reference_run(net, x_copy, 3, hp.beta, hp.lambda_, hp.alpha)) < 1e-5
 
 
+@pytest.mark.slow
 def test_channels_last_keeps_the_numbers():
     net = _net()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -162,6 +163,7 @@ def test_channels_last_keeps_the_numbers():
         assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.slow
 def test_autocast_is_close_and_returns_float32(vgg):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     hp = _hp(5, 0.0)

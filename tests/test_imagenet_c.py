@@ -86,6 +86,7 @@ def _hand_correctness(net, path, label, resize):
     return (net.run(x[None], T, "default")[:, 0].argmax(-1) == label).int().tolist()
 
 
+@pytest.mark.slow
 def test_metrics_match_a_hand_computation_on_two_ray_workers(trees, net, tmp_path):
     import ray
 
@@ -133,6 +134,7 @@ def test_metrics_match_a_hand_computation_on_two_ray_workers(trees, net, tmp_pat
     assert len({r["pid"] for r in results}) >= 2, "shards ran on more than one worker"
 
 
+@pytest.mark.slow
 def test_killed_worker_still_yields_complete_correct_results(trees, net, tmp_path):
     import ray
 

@@ -28,6 +28,8 @@ from mlflow import MlflowClient
 from pctune.search.rundir import load_trials
 from tests.mlflow_server import mlflow_server
 
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 # Node death is noticed in seconds, not Ray's default half minute of missed health checks.
 RAY_ENV = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",

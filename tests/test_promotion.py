@@ -56,6 +56,7 @@ use_ray = false
 '''
 
 
+@pytest.mark.slow
 def test_promote_runs_every_stage_and_logs_nested_runs(tmp_path):
     env = {**os.environ, "PCTUNE_CACHE": str(tmp_path / "cache")}
     job = tmp_path / "promo.toml"

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -77,6 +79,7 @@ def test_local_copy_of_the_cluster_config(tmp_path):
     assert "s3://" not in text and "0.0.0.0" not in text and "/mnt/efs" not in text and ":5000" not in text
 
 
+@pytest.mark.slow
 @needs_cloud_config
 def test_ray_up_demo_search_ray_down(tmp_path):
     reason = _skip_reason()

@@ -102,6 +102,7 @@ def basic(cluster, workdir):
     return job, run_search(job)
 
 
+@pytest.mark.slow
 def test_a_search_samples_feasible_points_and_evaluates_starting_points_first(basic, workdir):
     job, summary = basic
     trials = load_trials(job.run_dir / "joint")
@@ -125,6 +126,7 @@ def test_a_search_samples_feasible_points_and_evaluates_starting_points_first(ba
     assert summary["trials"] == 6
 
 
+@pytest.mark.slow
 def test_the_same_seed_samples_the_same_points(cluster, workdir):
     # 12 trials: past TPE's 10 random start-up trials, so the model-based suggestions are compared too
     one = load_job(write_job(workdir, "seed_a", num_samples=12, points="[]"))
@@ -138,6 +140,7 @@ def test_the_same_seed_samples_the_same_points(cluster, workdir):
     assert _configs(other) != _configs(one)[:3]
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_does_not_stop_the_search(cluster, workdir):
     (workdir / "wild.toml").write_text("""
 [default]
@@ -158,6 +161,7 @@ alpha = { low = 1e-3, high = 1e30, log = true }
     assert leaderboard(job)["mean_ce"].notna().all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut_state", [False, True], ids=["killed", "killed-while-saving-state"])
 def test_resume_after_killing_the_driver_runs_only_the_remaining_trials(cluster, workdir, cut_state, capsys):
     name = "resume-cut" if cut_state else "resume"
@@ -213,6 +217,7 @@ def _finished(exp: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_per_pcoder_strategy_combines_the_winners(cluster, workdir):
     job = load_job(write_job(workdir, "perpc", num_samples=2, strategy="per-pcoder", points='["default"]'))
     run_search(job)
@@ -229,6 +234,7 @@ def test_per_pcoder_strategy_combines_the_winners(cluster, workdir):
     assert "combination" in set(leaderboard(job)["kind"])
 
 
+@pytest.mark.slow
 def test_results_command_writes_a_leaderboard_and_a_loadable_best_toml(basic, capsys):
     path = Path(basic[0].source)
     assert main(["results", str(path)]) == 0
@@ -246,6 +252,7 @@ def test_results_command_writes_a_leaderboard_and_a_loadable_best_toml(basic, ca
     assert best[0].hparams == hp
 
 
+@pytest.mark.slow
 def test_an_existing_search_is_not_overwritten_silently(basic, capsys):
     path = Path(basic[0].source)
     assert main(["search", str(path)]) == 2
@@ -327,6 +334,7 @@ def test_samplers_are_selectable_and_seeded():
         assert isinstance(make_sampler("cmaes", 0, 1), optuna.samplers.CmaEsSampler)
 
 
+@pytest.mark.slow
 def test_an_imagenet_style_folder_job_searches_a_fixed_noisy_subset(cluster, workdir):
     """The ImageNet path end to end on a tiny generated ImageFolder and a 3-channel demo network."""
     import numpy as np

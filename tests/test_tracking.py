@@ -46,6 +46,7 @@ def test_trial_metrics_are_stepped():
                                       ("recon_error_pc2", 0.3, 1)])
 
 
+@pytest.mark.slow
 def test_parent_children_and_idempotent_sync(server):
     tracker = SearchTracker(server, "tracking-test", search_id="search-1")
     parent = tracker.start("demo", {"model": "demo", "sampler": "tpe", "seed": 0})
@@ -83,6 +84,7 @@ def test_unreachable_server_is_one_line():
         check_reachable(uri, timeout=2)
 
 
+@pytest.mark.slow
 def test_champion_round_trip(server, tmp_path):
     spec = tmp_path / "tiny.toml"
     spec.write_text(TINY_SPEC)
@@ -100,6 +102,7 @@ def test_champion_round_trip(server, tmp_path):
     assert torch.equal(loaded.run(x, 3, loaded_hp), net.run(x, 3, hp))
 
 
+@pytest.mark.slow
 def test_search_summary_logs_scores_csv_and_plots(server, tmp_path):
     import pandas as pd
 

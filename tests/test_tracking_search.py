@@ -42,6 +42,7 @@ def _children(client, experiment_id, parent_id):
     return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
 
 
+@pytest.mark.slow
 def test_search_runs_params_metrics_artifacts_and_champion(tracked, env):
     uri, storage, out = tracked
     assert "@champion" in out
@@ -86,6 +87,8 @@ def test_search_runs_params_metrics_artifacts_and_champion(tracked, env):
     assert got["mean_ce"] == pytest.approx(best, rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_mlflow_ui_shows_the_search_in_headless_chromium(tracked, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -105,6 +108,7 @@ def test_mlflow_ui_shows_the_search_in_headless_chromium(tracked, tmp_path):
     assert re.findall(r"\d+ matching runs", text) == ["7 matching runs"]  # the parent and its six trials
 
 
+@pytest.mark.slow
 def test_server_killed_mid_search_then_sync_logs_each_trial_once(tmp_path, env):
     port = free_port()
     storage = tmp_path / "runs"
@@ -150,6 +154,7 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, env):
     assert not (tmp_path / "demo" / "joint").exists()
 
 
+@pytest.mark.slow
 def test_health_endpoint_used_by_the_check(tracked):
     uri, _, _ = tracked
     with urllib.request.urlopen(uri + "/health", timeout=5) as r:

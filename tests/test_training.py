@@ -44,6 +44,7 @@ def _train(spec, data, out, epochs, *extra):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_train_feedback_reduces_loss_and_resumes(tmp_path, image_folder):
     spec = tmp_path / "tiny.toml"
     spec.write_text(TINY_SPEC)
