@@ -9,7 +9,15 @@ import torch
 
 import pctune
 from pctune.data.demo import digits, digits_normalization, ensure_demo_model
-from pctune.evaluate.adversarial import AttackSpec, Setup, Shard, run_all, run_shard, select_images, success_table
+from pctune.evaluate.adversarial import (
+    AttackPayload,
+    AttackSpec,
+    Shard,
+    run_all,
+    run_shard,
+    select_images,
+    success_table,
+)
 from pctune.evaluate.unrolled import Unrolled
 
 # The module's fixture trains the demo network (about 20 s of CPU) and the attacks take minutes.
@@ -31,7 +39,7 @@ def _setup(demo, attacks, count=8, hparams="default"):
     net, pixels, labels, mean, std = demo
     hp = net.hyperparameters(hparams)
     idx, targets = select_images(net, hp, pixels, labels, mean, std, T, count, seed=0)
-    return Setup(net, hp, pixels[idx], labels[idx], targets, pixels, mean, std, T, attacks)
+    return AttackPayload(net, hp, pixels[idx], labels[idx], targets, pixels, mean, std, T, attacks)
 
 
 def test_selected_images_are_correct_at_every_timestep(demo):

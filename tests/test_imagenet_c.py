@@ -72,7 +72,7 @@ def net(tmp_path_factory):
 
 
 def _payload(net, plan):
-    return ic.Payload(net, net.hyperparameters("default"), T, plan, SIZE, MEAN, STD, batch_size=5, workers=0)
+    return ic.CorruptionPayload(net, net.hyperparameters("default"), T, plan, SIZE, MEAN, STD, batch_size=5, workers=0)
 
 
 def _hand_correctness(net, path, label, resize):
