@@ -83,7 +83,8 @@ def test_best_toml_promoted_rank1_and_champion_are_the_same_configuration(tmp_pa
 
 
 def _fake_run_dir(root: Path, trial_scores: list[float], combination: float | None, diverged: int = -1) -> RunDir:
-    """A run directory as a per-pcoder search leaves it, with the given scores."""
+    """A run directory as a per-pcoder search leaves it, with the given scores; trial ``diverged``
+    diverged (-2: every trial)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "job.json").write_text(json.dumps({"model": "demo", "job": {"objective": {"timesteps": 2, "sigma": 0.5}}}))
     hp = Hyperparameters([0.5, 0.5, 0.5], [0.1, 0.1, 0.0], [0.01, 0.01, 0.01])
@@ -92,7 +93,7 @@ def _fake_run_dir(root: Path, trial_scores: list[float], combination: float | No
         folder.mkdir(parents=True)
         config = {**hp.to_params(), "pcoder1.beta": 0.1 + 0.1 * i}
         (folder / "params.json").write_text(json.dumps(config))
-        metrics = {"mean_ce": score, "diverged": float(i == diverged), "trial_id": f"t{i}"}
+        metrics = {"mean_ce": score, "diverged": float(i == diverged or diverged == -2), "trial_id": f"t{i}"}
         (folder / "result.json").write_text(json.dumps(metrics) + "\n")
     (root / "references.json").write_text(json.dumps({"feedforward": {"config": hp.to_params(),
                                                                       "metrics": {"mean_ce": 0.01}}}))

@@ -134,7 +134,9 @@ def test_sigterm_stops_the_search_like_ctrl_c(tmp_path):
     assert f"continue it with `pctune {' '.join(args)} --resume`" in last
     assert "Stack trace" not in err and "SIGABRT" not in err
     run_dir = tmp_path / "runs" / "demo"
-    assert (run_dir / "leaderboard.csv").is_file()  # the partial results
+    board = (run_dir / "leaderboard.csv").read_text().splitlines()  # the partial results
+    finished = [line for line in out.splitlines() if "trials finished" in line]
+    assert finished and finished[-1].startswith(f"[joint] {sum(',trial,' in row for row in board)} of 40 trials")
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("pctune-demo")
     parent = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
@@ -314,3 +316,35 @@ def test_the_printed_mlflow_line_opens_the_experiments_runs_view():
 
     assert ui_command("http://127.0.0.1:5000/", "7") == "open http://127.0.0.1:5000/#/experiments/7/runs in a browser"
     assert ui_command("sqlite:///x/mlflow.db", "3").endswith("then open http://127.0.0.1:5000/#/experiments/3/runs")
+
+
+def test_an_error_is_one_line_on_stderr_with_nothing_before_it(tmp_path):
+    """No library warning (MLflow's type-hint notice was one) may precede the one-line error."""
+    (tmp_path / "afile").write_text("")
+    result = subprocess.run([sys.executable, "-m", "pctune.cli", "search", "demo", "--storage-path",
+                             str(tmp_path / "afile")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"pctune: error: run.storage_path: {tmp_path / 'afile'} is a file, not a folder"]
+
+
+def test_sync_of_a_search_whose_every_trial_diverged_registers_nothing_and_succeeds(tmp_path):
+    """It warned "attempt to get argmin of an empty sequence" and `pctune sync` ended in a traceback."""
+    from mlflow import MlflowClient
+
+    from tests.test_pipeline import _fake_run_dir
+
+    _fake_run_dir(tmp_path / "runs" / "fake", [30.0, 30.0, 30.0], combination=None, diverged=-2)
+    job = tmp_path / "fake.toml"
+    job.write_text(f'[model]\nname = "demo"\n[data]\nsource = "digits"\n[search]\nspace = "demo"\n'
+                   f'[run]\nstorage_path = "{tmp_path}/runs"\n')
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = subprocess.run([sys.executable, "-m", "pctune.cli", "sync", str(job), "--tracking-uri", uri],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no champion registered: no configuration finished without diverging" in result.stdout
+    assert "argmin" not in result.stderr and "Traceback" not in result.stderr
+    client = MlflowClient(uri)
+    assert not client.search_registered_models()
+    children = client.search_runs([client.get_experiment_by_name("fake").experiment_id],
+                                  "tags.`pctune.trial_id` != ''")
+    assert len(children) == 3
