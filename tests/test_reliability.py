@@ -135,8 +135,10 @@ def test_sigterm_stops_the_search_like_ctrl_c(tmp_path):
     assert "Stack trace" not in err and "SIGABRT" not in err
     run_dir = tmp_path / "runs" / "demo"
     board = (run_dir / "leaderboard.csv").read_text().splitlines()  # the partial results
-    finished = [line for line in out.splitlines() if "trials finished" in line]
-    assert finished and finished[-1].startswith(f"[joint] {sum(',trial,' in row for row in board)} of 40 trials")
+    finished = [line for line in out.splitlines() if line.startswith("[joint]") and " trials in " in line]
+    trials = sum(",trial," in row for row in board)
+    assert finished and finished[-1].startswith(f"[joint] {trials} trials in ")  # the count the leaderboard has
+    assert finished[-1].endswith(f"({40 - trials} of 40 not finished)")
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("pctune-demo")
     parent = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]

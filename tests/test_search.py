@@ -353,29 +353,47 @@ def test_every_sampler_name_makes_its_optuna_sampler():
         make_sampler("bayes", 0, 1, "j.toml")
 
 
-# Real searches, compared trial by trial. Model-based samplers draw their first trials at random (TPE
-# and GP: 10), so they run past that and their model-based suggestions are compared too.
-@pytest.mark.slow
-@pytest.mark.parametrize(("sampler", "trials"), [("tpe", 12), ("cmaes", 12), ("gp", 12), ("random", 4)])
-def test_samplers_are_selectable_and_seeded(cluster, workdir, sampler, trials):
+# Every sampler, through the searcher a search uses (Ray Tune's OptunaSearch over pctune's space), fed
+# a deterministic score. Model-based samplers draw their first trials at random (TPE and GP: 10), so the
+# runs go past that and their model-based suggestions are compared too.
+@pytest.mark.parametrize(("sampler", "trials"), [("tpe", 14), ("cmaes", 14), ("gp", 12), ("random", 6)])
+def test_samplers_are_selectable_and_seeded(workdir, sampler, trials):
     import importlib.util
+
+    from pctune.search.driver import make_searcher
 
     if sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
         pytest.skip("cmaes is not installed")
+    space = load_space(workdir / "space.toml", 3)
 
-    def search(name, num_samples, seed):
-        job = load_job(write_job(workdir, f"{sampler}_{name}", sampler=sampler, num_samples=num_samples, points="[]",
-                                 images=16), {"search.seed": seed})
-        run_search(job)
-        configs = _configs(job)
-        assert len(configs) == num_samples
+    def suggestions(seed, count):
+        job = load_job(write_job(workdir, f"{sampler}_seeded", sampler=sampler, points="[]"), {"search.seed": seed})
+        searcher = make_searcher(job, space, [])
+        configs = []
+        for i in range(count):
+            config = searcher.suggest(f"t{i}")
+            hp = hparams_from_config(config, 3)
+            searcher.on_trial_complete(f"t{i}", {"mean_ce": sum((b - 0.6) ** 2 + a for b, _l, a in hp.triples())})
+            configs.append(config)
         return configs
 
-    one = search("a", trials, 3)
+    one = suggestions(3, trials)
     assert len({json.dumps(c, sort_keys=True) for c in one}) == trials  # it samples, not repeats
-    assert search("b", trials, 3) == one  # same seed: the same points, in the same order
-    other = search("c", 3, 4)
+    assert suggestions(3, trials) == one  # same seed: the same points, in the same order
+    other = suggestions(4, 3)
     assert all(a != b for a, b in zip(other, one[:3], strict=True))  # another seed: other points
+
+
+@pytest.mark.slow
+def test_the_same_seed_samples_the_same_points_through_ray_tune(cluster, workdir):
+    """End to end: trials that ran on Ray workers, read back from the experiment folders."""
+    def search(name):
+        job = load_job(write_job(workdir, f"tune_{name}", num_samples=12, points="[]", images=16))
+        run_search(job)
+        return _configs(job)
+
+    one = search("a")
+    assert len(one) == 12 and search("b") == one
 
 
 @pytest.mark.slow
@@ -392,6 +410,7 @@ def test_an_imagenet_style_folder_job_searches_a_fixed_noisy_subset(cluster, wor
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     spec = (Path(pctune.__file__).parent / "models" / "specs" / "demo.toml").read_text()
     spec = spec.replace('name = "demo"', 'name = "demo_rgb"').replace("in_channels = 1, width", "in_channels = 3, width")
+    spec = spec.replace("num_classes = 10,", "num_classes = 3,")  # one output per class folder (checked)
     spec = spec.replace("input_size = [1, 16, 16]", "input_size = [3, 16, 16]")
     spec = spec.replace("in_channels = 16, out_channels = 1,", "in_channels = 16, out_channels = 3,")
     (workdir / "demo_rgb.toml").write_text(spec)

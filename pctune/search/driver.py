@@ -195,12 +195,8 @@ def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: 
 def _tuner(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpace, points: list[StartingPoint],
            callbacks: list | None) -> tune.Tuner:
     """A new Tune experiment for ``stage``."""
-    from ray.tune.search.optuna import OptunaSearch
-
     job = prep.job
-    sampler = make_sampler(job.search.sampler, job.search.seed, job.search.max_concurrent_trials, job.source)
-    searcher = OptunaSearch(space=SpaceSampler(space), metric=METRIC, mode=MODE, sampler=sampler,
-                            points_to_evaluate=[p.coords for p in points] or None)
+    searcher = make_searcher(job, space, points)
     return tune.Tuner(
         _trainable(job, setup),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=job.search.num_samples,
@@ -210,6 +206,15 @@ def _tuner(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpace, 
                                              StateSnapshots(job.run_dir / stage), *(callbacks or [])],
                                   failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
     )
+
+
+def make_searcher(job: Job, space: SearchSpace, points: list[StartingPoint]):
+    """Ray Tune's OptunaSearch over ``space`` with the job's seeded sampler, the starting points first."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = make_sampler(job.search.sampler, job.search.seed, job.search.max_concurrent_trials, job.source)
+    return OptunaSearch(space=SpaceSampler(space), metric=METRIC, mode=MODE, sampler=sampler,
+                        points_to_evaluate=[p.coords for p in points] or None)
 
 
 def _trainable(job: Job, setup: TrialPayload):
@@ -238,8 +243,10 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpa
     start = time.perf_counter()
     grid = tuner.fit()
     done = sum(1 for t in RunDir(job.run_dir).trials(stage) if t.finished)
-    log(f"[{stage}] {done} of {job.search.num_samples} trials finished in {time.perf_counter() - start:.1f}s"
-        + (f", {grid.num_errors} errored" if grid.num_errors else ""))
+    missing = job.search.num_samples - done
+    log(f"[{stage}] {done} trials in {time.perf_counter() - start:.1f}s"
+        + (f", {grid.num_errors} errored" if grid.num_errors else "")
+        + (f" ({missing} of {job.search.num_samples} not finished)" if missing > 0 else ""))
     if not _stage_finished(exp_dir, job.search.num_samples) and grid.num_errors == 0:
         raise SearchInterrupted(f"the search of {job.name} stopped after {done} of {job.search.num_samples} trials "
                                 f"({stage})", f"pctune search {_job_ref(job)} --resume")
