@@ -107,9 +107,10 @@ def test_only_weights_only_loads_in_pctune():
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_search_like_ctrl_c(tmp_path):
-    """What `timeout`, `kill` and `ray job stop` send: trials stop, partial results and the exact resume
-    command, the MLflow parent run KILLED, exit 143."""
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_stops_the_search_like_ctrl_c(tmp_path, sig, code):
+    """SIGTERM is what `timeout`, `kill` and `ray job stop` send: like Ctrl-C, trials stop, partial results
+    and the exact resume command, the MLflow parent run KILLED, exit 143 (130 for Ctrl-C)."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -125,12 +126,12 @@ def test_sigterm_stops_the_search_like_ctrl_c(tmp_path):
         seen.append(line)
         if "[joint] trial 3/" in line or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=180)
     out = "".join(seen) + out
-    assert proc.returncode == 143, out[-3000:] + err[-3000:]
+    assert proc.returncode == code, out[-3000:] + err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("pctune: SIGTERM: the search of demo stopped after"), err[-3000:]
+    assert last.startswith(f"pctune: {sig.name}: the search of demo stopped after"), err[-3000:]
     assert f"continue it with `pctune {' '.join(args)} --resume`" in last
     assert "Stack trace" not in err and "SIGABRT" not in err
     run_dir = tmp_path / "runs" / "demo"
