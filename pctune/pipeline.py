@@ -19,7 +19,7 @@ import pandas as pd
 from pctune.errors import Interrupted, PctuneError
 from pctune.search.job import Job
 from pctune.search.prepare import load_job_model
-from pctune.search.rundir import PROMOTION, Entry, RunDir
+from pctune.search.rundir import PROMOTION, Entry, RunDir, rank
 from pctune.tracking.runs import SearchTracker
 from pctune.tracking.store import check_reachable, resolve_tracking_uri, ui_command
 from pctune.utils import first_line
@@ -109,11 +109,12 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     uri = uri or resolve_tracking_uri(job.tracking.tracking_uri or run_dir.tracking_uri())
     check_reachable(uri)
     tracker = open_tracker(job, uri)
-    trials = [t for _, t in run_dir.finished_trials()]
+    entries = run_dir.entries()  # read once: the trials to log and the winner come from the same entries
+    trials = [e for e in entries if e.kind == "trial"]
     added = tracker.log_missing((t.trial_id, t.config, t.metrics) for t in trials)
     log(f"MLflow: {added} trial runs added, {len(trials) - added} already there")
     summary: dict[str, Any] = {}
-    best = run_dir.best()
+    best = next(iter(rank(entries)), None)
     if trials:
         frame = pd.DataFrame([{"trial_id": t.trial_id, **t.config, **t.metrics} for t in trials])
         summary = log_search_summary(tracker, frame, _baselines(run_dir), run_dir / "summary",

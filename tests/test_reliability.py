@@ -17,6 +17,13 @@ from pctune.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _tracking_in_tmp(tmp_path, monkeypatch):
+    """A local store per test: a server another test started (and MLflow put into the environment)
+    may be gone by now."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+
+
 def _demo_job(tmp_path: Path, name: str = "demo", extra: str = "") -> Path:
     path = tmp_path / f"{name}job.toml"
     text = (ROOT / "jobs" / "demo.toml").read_text().replace('space = "demo"', f'space = "{ROOT}/search_spaces/demo.toml"')

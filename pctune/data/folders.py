@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from torch import Tensor
 from torchvision import datasets, transforms
 
 from pctune.errors import PctuneError
@@ -54,3 +56,14 @@ def folder_classes(root: str | Path) -> list[str]:
         return datasets.folder.find_classes(str(root))[0]
     except FileNotFoundError as exc:
         raise PctuneError(f"{root}: not an image folder ({first_line(exc)})") from exc
+
+
+def readable_batches(loader, paths: Sequence[str]) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+    """The batches of a loader whose dataset yields ``(image, label, ok)`` (``ok`` False for a file that
+    could not be decoded, with a blank image), as ``(images, labels, unreadable paths)`` with the
+    unreadable ones left out; ``paths`` are the dataset's files, in its order."""
+    position = 0
+    for x, y, ok in loader:
+        unreadable = [paths[position + j] for j in (~ok).nonzero().flatten().tolist()]
+        position += len(y)
+        yield x[ok], y[ok], unreadable

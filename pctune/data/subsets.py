@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pctune.data.folders import image_folder
+from pctune.data.folders import image_folder, readable_batches
 from pctune.errors import PctuneError
 from pctune.utils import first_line
 
@@ -40,19 +40,17 @@ def load_val_subset(root: str | Path, num_images: int | None, seed: int, image_s
     dataset = image_folder(root, split="val", image_size=image_size, normalize=normalize)
     subset = _Decoded(dataset, seeded_subset(len(dataset), num_images, seed), image_size)
     loader = torch.utils.data.DataLoader(subset, batch_size=64, shuffle=False, num_workers=workers)
-    images, labels, position = [], [], 0
-    for x, y, ok in loader:
-        for j in (~ok).nonzero().flatten().tolist():
-            path = dataset.samples[subset.indices[position + j]][0]
-            if unreadable is None:
-                reason = subset.errors.get(position + j, "unreadable")
-                raise PctuneError(f"{path}: cannot be read as an image ({reason})")
-            unreadable.append(path)
-        position += len(y)
-        images.append(x[ok])
-        labels.append(y[ok])
+    paths = [dataset.samples[i][0] for i in subset.indices]
+    images, labels = [], []
+    for x, y, bad in readable_batches(loader, paths):
+        if bad and unreadable is None:
+            raise PctuneError(f"{bad[0]}: cannot be read as an image ({subset.errors.get(bad[0], 'unreadable')})")
+        if unreadable is not None:
+            unreadable.extend(bad)
+        images.append(x)
+        labels.append(y)
     if not any(len(y) for y in labels):
-        raise PctuneError(f"{root}: none of the {position} images could be read")
+        raise PctuneError(f"{root}: none of the {len(paths)} images could be read")
     return torch.cat(images), torch.cat(labels)
 
 
@@ -62,7 +60,7 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __init__(self, dataset, indices: list[int], image_size: int) -> None:
         self.dataset, self.indices, self.size = dataset, indices, image_size
-        self.errors: dict[int, str] = {}  # filled in this process only (workers=0); the path is always known
+        self.errors: dict[str, str] = {}  # path -> why; filled in this process only (workers=0)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -72,5 +70,5 @@ class _Decoded(torch.utils.data.Dataset):
             x, y = self.dataset[self.indices[i]]
             return x, y, True
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            self.errors[i] = first_line(exc)
+            self.errors[self.dataset.samples[self.indices[i]][0]] = first_line(exc)
             return torch.zeros(3, self.size, self.size), self.dataset.targets[self.indices[i]], False

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from pctune.data.folders import readable_batches
 from pctune.data.subsets import seeded_subset
 from pctune.errors import PctuneError
 from pctune.evaluate.corruption_metrics import (  # noqa: F401  (re-exported: the stage's one namespace)
@@ -254,16 +255,13 @@ def evaluate_shard(payload: CorruptionPayload, shard: CShard) -> dict:
     device = next(payload.net.parameters()).device
     loader = torch.utils.data.DataLoader(_ShardImages(payload, shard), batch_size=payload.batch_size,
                                          num_workers=payload.workers, pin_memory=device.type == "cuda")
-    correct, labels, skipped = [], [], []
-    position = 0
-    for x, y, ok in loader:
-        for j in (~ok).nonzero().flatten().tolist():
-            skipped.append(payload.plan.images[shard.name][position + j][0])
-        position += len(y)
-        if ok.any():
-            logits = payload.net.run(x[ok].to(device, non_blocking=True), payload.timesteps, payload.hparams)
-            correct.append((logits.argmax(-1).cpu() == y[ok]).to(torch.uint8))
-            labels.append(y[ok])
+    correct, skipped = [], []
+    paths = [path for path, _label in payload.plan.images[shard.name]]
+    for x, y, unreadable in readable_batches(loader, paths):
+        skipped.extend(unreadable)
+        if len(y):
+            logits = payload.net.run(x.to(device, non_blocking=True), payload.timesteps, payload.hparams)
+            correct.append((logits.argmax(-1).cpu() == y).to(torch.uint8))
     matrix = torch.cat(correct, dim=1) if correct else torch.zeros(payload.timesteps + 1, 0, dtype=torch.uint8)
     return {"corruption": shard.corruption, "severity": shard.severity, "correct": matrix.tolist(),
             "images": int(matrix.shape[1]), "skipped": skipped, "seconds": time.perf_counter() - start,

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from pctune.evaluate.images import Images, clean_images
 from pctune.evaluate.settings import (
@@ -25,6 +24,7 @@ from pctune.evaluate.settings import (
     NoiseSettings,
     parse_stage_settings,
 )
+from pctune.models.registry import output_classes
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
 
@@ -61,8 +61,7 @@ def _corruption_plan(net: PredictiveNet, images: Images, settings: ImagenetCSett
     from pctune.evaluate import imagenet_c as ic
 
     corruptions = settings.corruptions or ic.standard_corruptions() + ic.extra_corruptions()
-    with torch.no_grad():
-        num_classes = int(net(torch.zeros(1, *net.input_size, device=next(net.parameters()).device)).shape[-1])
+    num_classes = output_classes(net)
     clean = settings.clean or images.folder
     if settings.source == "released":
         return ic.plan_released(settings.path, corruptions, settings.severities, clean, num_classes)

@@ -39,6 +39,13 @@ def get_spec(name: str | Path) -> ModelSpec:
     return load_spec(candidate)
 
 
+@torch.no_grad()
+def output_classes(net: PredictiveNet) -> int:
+    """How many classes ``net`` predicts: the width of its output on one blank input."""
+    device = next(net.parameters()).device
+    return int(net(torch.zeros(1, *net.input_size, device=device)).shape[-1])
+
+
 def load_spec(path: str | Path) -> ModelSpec:
     """Read a pctune model spec; a file in Predify's format is converted (see ``predify_config``)."""
     data = read_toml(path)

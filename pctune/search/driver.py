@@ -29,7 +29,7 @@ from pctune.search.callbacks import MAX_FAILURES, Progress, StateSnapshots
 from pctune.search.job import Job
 from pctune.search.objective import METRIC, MODE
 from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_paths, prepare
-from pctune.search.rundir import COMBINATION, JOB, MARKER, REFERENCES, RunDir
+from pctune.search.rundir import COMBINATION, JOB, MARKER, REFERENCES, RunDir, Trial, load_trials
 from pctune.search.samplers import make_sampler
 from pctune.search.space import SearchSpace, SpaceSampler, hparams_to_config
 from pctune.search.trainable import TrialPayload, digest_arrays, run_trial, state_arrays
@@ -178,8 +178,9 @@ def _claim_run_dir(job: Job, run_dir: RunDir, log: Log) -> None:
 
 def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log) -> dict:
     """The feedforward baseline and the model's presets, scored once per search."""
-    if run_dir.references():
-        return run_dir.references()
+    refs = run_dir.references()
+    if refs:
+        return refs
     points = {"feedforward": prep.net.hyperparameters("feedforward")}
     for preset in prep.net.presets:
         points[preset] = prep.net.hyperparameters(preset)
@@ -228,11 +229,13 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpa
     exp_dir = job.run_dir / stage
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save state after every event: resume loses nothing
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # result.json only (no TensorBoard/CSV)
+    before: list[Trial] = []
     if exp_dir.exists():
-        setup = dataclasses.replace(setup, replay=_reported_results(exp_dir))
+        before = load_trials(exp_dir)
+        setup = dataclasses.replace(setup, replay=_reported_results(before))
         repair(exp_dir, log)
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
-        if _stage_finished(exp_dir, job.search.num_samples):
+        if _stage_finished(before, job.search.num_samples):
             log(f"[{stage}] already finished")
             return
         log(f"[{stage}] restoring {exp_dir}")
@@ -242,12 +245,13 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpa
         tuner = _tuner(prep, setup, stage, space, points, callbacks)
     start = time.perf_counter()
     grid = tuner.fit()
-    done = sum(1 for t in RunDir(job.run_dir).trials(stage) if t.finished)
+    after = load_trials(exp_dir)
+    done = sum(1 for t in after if t.finished)
     missing = job.search.num_samples - done
     log(f"[{stage}] {done} trials in {time.perf_counter() - start:.1f}s"
         + (f", {grid.num_errors} errored" if grid.num_errors else "")
         + (f" ({missing} of {job.search.num_samples} not finished)" if missing > 0 else ""))
-    if not _stage_finished(exp_dir, job.search.num_samples) and grid.num_errors == 0:
+    if not _stage_finished(after, job.search.num_samples) and grid.num_errors == 0:
         raise SearchInterrupted(f"the search of {job.name} stopped after {done} of {job.search.num_samples} trials "
                                 f"({stage})", f"pctune search {_job_ref(job)} --resume")
 
@@ -267,20 +271,15 @@ _OWN_METRIC = re.compile(r"^(mean_ce|diverged|ce_t\d+|accuracy_t\d+|recon_error_
                          r"eval_seconds|model_loads|gpu)$")
 
 
-def _reported_results(exp_dir: Path) -> dict[str, dict[str, float]]:
-    """trial id -> the metrics it reported, for every trial of ``exp_dir`` with a result on disk."""
-    from pctune.search.rundir import load_trials
-
-    return {t.trial_id: {k: v for k, v in t.metrics.items() if _OWN_METRIC.match(k)}
-            for t in load_trials(exp_dir) if t.finished}
+def _reported_results(trials: list[Trial]) -> dict[str, dict[str, float]]:
+    """trial id -> the metrics it reported, for every trial with a result on disk."""
+    return {t.trial_id: {k: v for k, v in t.metrics.items() if _OWN_METRIC.match(k)} for t in trials if t.finished}
 
 
-def _stage_finished(exp_dir: Path, num_samples: int) -> bool:
-    from pctune.search.rundir import load_trials
-
+def _stage_finished(trials: list[Trial], num_samples: int) -> bool:
     # A trial folder without a result can be an orphan of a killed driver (created after the last
     # saved state, then re-created on restore), so count the finished ones only.
-    return sum(1 for t in load_trials(exp_dir) if t.status in ("TERMINATED", "ERROR")) >= num_samples
+    return sum(1 for t in trials if t.status in ("TERMINATED", "ERROR")) >= num_samples
 
 
 def _per_pcoder(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log, callbacks: list | None = None) -> None:

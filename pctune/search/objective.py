@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from pctune.models.registry import output_classes
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
 
@@ -78,13 +79,8 @@ def score(
         ce_sum[0] += ce0
         correct[0] += correct0
         counts[0] = len(images)
-    num_classes = logits.shape[-1] if seen else _num_classes(net, images[:1].to(device))
+    num_classes = logits.shape[-1] if seen else output_classes(net)
     return _metrics(ce_sum, correct, recon, counts, timesteps, diverged, penalty, num_classes, start)
-
-
-@torch.no_grad()
-def _num_classes(net: PredictiveNet, x: Tensor) -> int:
-    return int(net(x).shape[-1])
 
 
 @torch.no_grad()

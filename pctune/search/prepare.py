@@ -82,8 +82,9 @@ def noisy_images(job: Job, spec: ModelSpec, unreadable: list[str] | None = None)
     data = job.data
     try:
         images, labels = _clean_subset(job, spec, unreadable if data.unreadable == "skip" else None)
-    except PctuneError as exc:
-        raise PctuneError(f"{job.source}: data: {exc}") from exc
+    except PctuneError as exc:  # the digits can only fail on their count; a folder on anything
+        field = "data.num_images" if data.source == "digits" else "data"
+        raise PctuneError(f"{job.source}: {field}: {exc}") from exc
     if images.shape[1] != spec.input_size[0]:
         raise PctuneError(f"{job.source}: data: images have {images.shape[1]} channels but {spec.name} expects "
                           f"{spec.input_size[0]}")
@@ -109,10 +110,9 @@ def _clean_subset(job: Job, spec: ModelSpec, unreadable: list[str] | None):
 def check_classes(job: Job, net: PredictiveNet) -> int:
     """The model's number of classes, checked against the data's before any image is loaded: class
     folders are mapped to the outputs in sorted order, so the counts must agree."""
-    import torch
+    from pctune.models.registry import output_classes
 
-    with torch.no_grad():
-        num_classes = int(net(torch.zeros(1, *net.input_size, device=next(net.parameters()).device)).shape[-1])
+    num_classes = output_classes(net)
     if job.data.source == "digits":
         found, where = 10, "the digits have 10 classes"
     else:

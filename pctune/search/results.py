@@ -14,7 +14,7 @@ from pctune.errors import PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.job import Job
 from pctune.search.objective import METRIC
-from pctune.search.rundir import BEST, LEADERBOARD, Entry, RunDir, is_param, load_trials, rank
+from pctune.search.rundir import BEST, LEADERBOARD, Entry, RunDir, load_trials, rank
 
 __all__ = ["best_toml", "leaderboard", "load_trials", "row_hparams", "summary_table", "write_results"]
 
@@ -37,8 +37,10 @@ def leaderboard(job: Job) -> pd.DataFrame:
     references and diverged points, which never win)."""
     run_dir = RunDir(job.run_dir)
     run_dir.require_search(job.name)
-    timesteps = run_dir.timesteps
-    entries = run_dir.entries()
+    return _leaderboard(run_dir.entries(), run_dir.timesteps)
+
+
+def _leaderboard(entries: list[Entry], timesteps: int) -> pd.DataFrame:
     ranked = {id(e): i for i, e in enumerate(rank(entries), start=1)}
     by_score = sorted(entries, key=lambda e: e.mean_ce if math.isfinite(e.mean_ce) else math.inf)
     rows = [{"rank": ranked.get(id(e)), **_row(e, timesteps)} for e in by_score]
@@ -51,7 +53,7 @@ def leaderboard(job: Job) -> pd.DataFrame:
 
 def row_hparams(row: pd.Series) -> Hyperparameters:
     """The hyperparameters of a leaderboard row."""
-    return Hyperparameters.from_params({k: row[k] for k in row.index if is_param(k)})
+    return Hyperparameters.from_params(row.to_dict())  # the pcoder{n}.* columns; the others are ignored
 
 
 def best_toml(job: Job, best: Entry, model: str) -> str:
@@ -80,11 +82,13 @@ def summary_table(frame: pd.DataFrame, timesteps: int) -> pd.DataFrame:
 def write_results(job: Job, log: Callable[[str], None] = print, top: int | None = 20) -> dict[str, Any]:
     """Print the leaderboard and the summary, write ``leaderboard.csv`` and ``best.toml``."""
     run_dir = RunDir(job.run_dir)
-    frame = leaderboard(job)
+    run_dir.require_search(job.name)
+    record = run_dir.job_record()
+    timesteps = int(record["job"]["objective"]["timesteps"])
+    entries = run_dir.entries()  # read once: the leaderboard and the best come from the same entries
+    frame = _leaderboard(entries, timesteps)
     if frame.empty:
         raise PctuneError(f"{run_dir.path}: no finished trials yet")
-    record = run_dir.job_record()
-    timesteps = run_dir.timesteps
     frame.to_csv(run_dir / LEADERBOARD, index=False)
     trials = int((frame["kind"] == "trial").sum())
     with pd.option_context("display.width", 200, "display.max_columns", 12, "display.float_format", "{:.4f}".format):
@@ -96,7 +100,7 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
         log(summary.to_string(index=False))
     out = {"run_dir": str(run_dir.path), "leaderboard": str(run_dir / LEADERBOARD), "trials": trials,
            "summary": summary.to_dict("records")}
-    best = run_dir.best()
+    best = next(iter(rank(entries)), None)
     if best is None:
         log("\nno configuration to recommend: every finished trial diverged")
     else:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pctune.errors import PctuneError
-from pctune.pc.hyperparameters import PARAM_PATTERN, Hyperparameters
+from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.objective import METRIC
 from pctune.utils import atomic_write_json, atomic_write_text
 
@@ -202,19 +202,23 @@ class RunDir:
     def trials(self, stage: str) -> list[Trial]:
         return load_trials(self.path / stage)
 
-    def finished_trials(self) -> list[tuple[str, Trial]]:
-        """(stage, trial) for every trial with a result, stage by stage."""
-        return [(stage, t) for stage in self.stages() for t in self.trials(stage) if t.finished]
+    def finished_trials(self, stage: str | None = None) -> list[tuple[str, Trial]]:
+        """(stage, trial) for every trial with a result, stage by stage (or of ``stage`` only)."""
+        stages = self.stages() if stage is None else [stage]
+        return [(s, t) for s in stages for t in self.trials(s) if t.finished]
 
     def references(self) -> dict[str, dict]:
         """name -> ``{"config", "metrics"}`` of the reference points (feedforward, presets)."""
         return self.read_json(REFERENCES) or {}
 
     # -- the ranking --------------------------------------------------------------------------------
-    def entries(self) -> list[Entry]:
-        """Every scored configuration: finished trials, then references, then the combination."""
-        entries = [Entry("trial", f"{stage}/{t.index}", t.config, t.metrics, t.trial_id)
-                   for stage, t in self.finished_trials()]
+    def entries(self, stage: str | None = None) -> list[Entry]:
+        """Every scored configuration: finished trials, then references, then the combination; with
+        ``stage``, the finished trials of that Tune experiment only."""
+        entries = [Entry("trial", f"{s}/{t.index}", t.config, t.metrics, t.trial_id)
+                   for s, t in self.finished_trials(stage)]
+        if stage is not None:
+            return entries
         entries += [Entry("reference", name, ref["config"], ref["metrics"]) for name, ref in self.references().items()]
         combination = self.read_json(COMBINATION)
         if combination:
@@ -224,13 +228,10 @@ class RunDir:
     def ranking(self, stage: str | None = None) -> list[Entry]:
         """THE ranking (:func:`rank`) of this run directory's entries; with ``stage``, of the trials of
         that Tune experiment only (a per-pcoder stage's winner)."""
-        entries = self.entries() if stage is None else [
-            e for e in self.entries() if e.kind == "trial" and e.name.startswith(f"{stage}/")]
-        return rank(entries)
+        return rank(self.entries(stage))
 
     def best(self, stage: str | None = None) -> Entry | None:
-        ranking = self.ranking(stage)
-        return ranking[0] if ranking else None
+        return next(iter(self.ranking(stage)), None)
 
 
 def rank(entries: list[Entry]) -> list[Entry]:
@@ -238,8 +239,3 @@ def rank(entries: list[Entry]) -> list[Entry]:
     combination; never a reference, never a diverged point), best score first; ties keep their order."""
     found = [e for e in entries if e.kind != "reference" and not e.diverged and math.isfinite(e.mean_ce)]
     return sorted(found, key=lambda e: e.mean_ce)
-
-
-def is_param(key: str) -> bool:
-    """``pcoder{n}.{beta,lambda,alpha}``."""
-    return PARAM_PATTERN.match(str(key)) is not None
