@@ -9,14 +9,14 @@ with p_n = g_n(e_n) the prediction of e_{n-1}, eps_n the per-image mean squared 
 e_{n-1} as it is in the same sweep, and G_n = d eps_n / d e_n computed as a vector-Jacobian product
 through the decoder. Work no returned number depends on is skipped: a prediction is made only when it
 is fed back (lambda of the pcoder below > 0), differentiated (alpha > 0) or returned, and the last
-timestep makes none.
+timestep makes none. Timestep 0 does not depend on the coefficients: ``timestep_zero`` computes it once
+for runs of many coefficients on the same images (``pctune.pc.start``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,19 +27,10 @@ from pctune.pc.fast_decoders import DecoderPlan
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.scaling import gradient_scale
 from pctune.pc.split import split_backbone
+from pctune.pc.start import RunResult, TimestepZero, compute_timestep_zero
 
 GradMode = Literal["none", "exact", "constant-error"]
 _UNSET = object()
-
-
-@dataclass
-class RunResult:
-    """What ``run(..., return_states=True)`` returns."""
-
-    logits: Tensor  # [T+1, B, classes]
-    reconstructions: Tensor  # [T+1, B, *image]: the first decoder's prediction of the input
-    errors: Tensor  # [T+1, N, B]: eps_n(t) per pcoder and image
-    representations: list[list[Tensor]] | None = None  # [t][n]: e_n(t), with return_representations
 
 
 class PredictiveNet(nn.Module):
@@ -135,12 +126,9 @@ class PredictiveNet(nn.Module):
             cudnn_benchmark = device.type == "cuda"
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
-        if compile:
-            self._compiled = ([torch.compile(e, dynamic=False) for e in self._encoders],
-                              torch.compile(self._head, dynamic=False),
-                              [torch.compile(d, dynamic=False) for d in self.decoders])
-        else:
-            self._compiled = None
+        self._compiled = ([torch.compile(e, dynamic=False) for e in self._encoders],
+                          torch.compile(self._head, dynamic=False),
+                          [torch.compile(d, dynamic=False) for d in self.decoders]) if compile else None
         return self
 
     def _pieces(self, grad_mode: str) -> tuple[list, nn.Module, list]:
@@ -207,6 +195,7 @@ class PredictiveNet(nn.Module):
         grad_mode: GradMode = "none",
         autocast: torch.dtype | object | None = _UNSET,
         return_representations: bool = False,
+        start: TimestepZero | None = None,
     ) -> Tensor | RunResult:
         """Run the dynamics for ``timesteps`` steps after the feedforward pass.
 
@@ -223,29 +212,40 @@ class PredictiveNet(nn.Module):
 
         ``return_representations=True`` (implies ``return_states``) also keeps every e_n(t), for the
         representation analyses (memory grows with T x the activations of every encoder).
+
+        ``start``: timestep 0 of this ``x``, from :meth:`timestep_zero` with the same ``autocast``
+        (inference only); the result is bit-identical to computing it, and ``start`` is not modified.
         """
         if timesteps < 0:
             raise PctuneError(f"timesteps must be >= 0, got {timesteps}")
         if grad_mode not in ("none", "exact", "constant-error"):
             raise PctuneError(f"grad_mode must be 'none', 'exact' or 'constant-error', got {grad_mode!r}")
         hp = self.hyperparameters(hparams)
+        x, autocast, contexts = self._prepare(x, grad_mode, autocast)
+        if start is not None:
+            start.check_fits(x, grad_mode, autocast, self.num_pcoders)
+        with contexts[0], contexts[1]:
+            dynamics = _Dynamics(self, hp, grad_mode, return_states or return_representations, return_representations)
+            result = dynamics.run(x, timesteps, start)
+        return result if autocast is None else result.float()  # a RunResult's float() converts all
+
+    def timestep_zero(self, x: Tensor, *, autocast: torch.dtype | object | None = _UNSET) -> TimestepZero:
+        """Timestep 0 of ``run(x, ...)`` in inference. It does not depend on the coefficients: give it as
+        ``run(x, ..., start=...)`` to the runs of many coefficients on ``x`` (a search's trials) so they
+        share its work, at the memory cost of :meth:`TimestepZero.nbytes` (see ``pctune.pc.start``)."""
+        x, autocast, contexts = self._prepare(x, "none", autocast)
+        with contexts[0], contexts[1]:
+            return compute_timestep_zero(self, x, autocast)
+
+    def _prepare(self, x: Tensor, grad_mode: str, autocast) -> tuple[Tensor, torch.dtype | None, tuple]:
+        """``x`` in the memory format ``run`` uses, the autocast dtype, and (grad, autocast) contexts."""
         if autocast is _UNSET:
             autocast = self._autocast
         if self._channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         context = torch.no_grad() if grad_mode == "none" else torch.enable_grad()
         reduced = nullcontext() if autocast is None else torch.autocast(x.device.type, dtype=autocast)
-        with context, reduced:
-            dynamics = _Dynamics(self, hp, grad_mode, return_states or return_representations)
-            dynamics.keep_reps = return_representations
-            result = dynamics.run(x, timesteps)
-        if autocast is None:
-            return result
-        if isinstance(result, RunResult):
-            reps = None if result.representations is None else [[r.float() for r in step]
-                                                                 for step in result.representations]
-            return RunResult(result.logits.float(), result.reconstructions.float(), result.errors.float(), reps)
-        return result.float()
+        return x, autocast, (context, reduced)
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -255,7 +255,8 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
 class _Dynamics:
     """One call of ``PredictiveNet.run``: the state of every pcoder across the sweeps."""
 
-    def __init__(self, net: PredictiveNet, hp: Hyperparameters, grad_mode: GradMode, keep: bool) -> None:
+    def __init__(self, net: PredictiveNet, hp: Hyperparameters, grad_mode: GradMode, keep: bool,
+                 keep_reps: bool) -> None:
         self.net = net
         self.n = net.num_pcoders
         self.beta, self.lam, self.alpha = hp.beta, hp.lambda_, hp.alpha
@@ -266,9 +267,9 @@ class _Dynamics:
         # pcoder below (its lambda > 0; the top pcoder's lambda is ignored) or differentiated.
         self.feeds_back = [n > 0 and self.lam[n - 1] > 0 for n in range(self.n)]
         self.corrects = [a > 0 for a in self.alpha]
-        self.keep_reps = False
+        self.keep_reps = keep_reps
 
-    def run(self, x: Tensor, timesteps: int) -> Tensor | RunResult:
+    def run(self, x: Tensor, timesteps: int, start: TimestepZero | None) -> Tensor | RunResult:
         n_pc = self.n
         reps: list[Tensor] = [x] * n_pc
         preds: list[Tensor | None] = [None] * n_pc
@@ -281,22 +282,27 @@ class _Dynamics:
             below = x
             step_errors = []
             for n in range(n_pc):
-                if t == 0:
-                    rep = self.encoders[n](below)
-                    if self.net.gradient_scaling and self.corrects[n]:
-                        scales[n] = self.net._scale(n, rep, below)
-                else:
+                if t > 0:
                     rep = self._update(n, below, reps[n], preds, grads[n], scales[n])
+                else:
+                    rep = self.encoders[n](below) if start is None else start.reps[n]
+                    if self.net.gradient_scaling and self.corrects[n]:
+                        scales[n] = start.scales[n] if start and start.scales else self.net._scale(n, rep, below)
                 reps[n] = rep
                 want_pred = self.keep or (not last and (self.feeds_back[n] or self.corrects[n]))
                 want_grad = not last and self.corrects[n]
-                preds[n], grads[n], err = self._predict(n, rep, below, want_pred, want_grad)
+                # A compiled decoder's plain prediction may round differently from start's (the plan's).
+                if t == 0 and start is not None and (want_grad or self.net._compiled is None):
+                    preds[n], grads[n] = start.preds[n], start.grads[n] if want_grad else None
+                    err = start.errors[n] if self.keep else None
+                else:
+                    preds[n], grads[n], err = self._predict(n, rep, below, want_pred, want_grad)
                 step_errors.append(err)
                 below = rep
             # (Running the head once on timesteps 1..T together would read its weights once, but a
             # matrix product's rounding may depend on the number of rows: every timestep is kept
             # bit-identical to the plain network when the coefficients are the feedforward ones.)
-            logits.append(self.head(below))
+            logits.append(start.logits if t == 0 and start is not None else self.head(below))
             if self.keep:
                 recon.append(preds[0])
                 errors.append(torch.stack(step_errors))
@@ -346,9 +352,7 @@ class _Dynamics:
             terms.append(memory * previous)
         if not terms:
             terms.append(torch.zeros_like(previous))
-        rep = terms[0]
-        for term in terms[1:]:
-            rep = rep + term
+        rep = sum(terms[1:], terms[0])
         if step != 0:
             rep = rep - step * grad
         return rep
@@ -386,14 +390,10 @@ class _Dynamics:
         return pred, grad, err
 
     @staticmethod
-    def _vjp(decoder: nn.Module, rep: Tensor, target: Tensor, per_elem: float):
+    def _constant_grad(decoder: nn.Module, rep: Tensor, target: Tensor, per_elem: float) -> Tensor:
+        """G = J_g(e)^T (per_elem (p - target)) with the error p - target held constant."""
         with torch.enable_grad():
             source = rep.detach().requires_grad_(True)
             pred = decoder(source)
-            diff = (pred - target).detach()
-            (grad,) = torch.autograd.grad(pred, source, grad_outputs=diff * per_elem)
-        return grad, pred.detach(), diff
-
-    def _constant_grad(self, decoder: nn.Module, rep: Tensor, target: Tensor, per_elem: float) -> Tensor:
-        grad, _, _ = self._vjp(decoder, rep, target.detach(), per_elem)
+            (grad,) = torch.autograd.grad(pred, source, grad_outputs=(pred - target.detach()).detach() * per_elem)
         return grad
