@@ -111,7 +111,7 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     tracker = open_tracker(job, uri)
     entries = run_dir.entries()  # read once: the trials to log and the winner come from the same entries
     trials = [e for e in entries if e.kind == "trial"]
-    added = tracker.log_missing((t.trial_id, t.config, t.metrics) for t in trials)
+    added = tracker.log_missing((t.trial_id, t.config, t.metrics, t.curve) for t in trials)
     log(f"MLflow: {added} trial runs added, {len(trials) - added} already there")
     summary: dict[str, Any] = {}
     best = next(iter(rank(entries)), None)

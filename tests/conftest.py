@@ -13,6 +13,18 @@ def isolated_tracking(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_kept():
+    """MLflow's set_tracking_uri (champion registration calls it) leaves MLFLOW_TRACKING_URI in the
+    environment; put the session's back so that no later test tracks to a server a test stopped."""
+    import os
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is not None and os.environ.get("MLFLOW_TRACKING_URI") != before:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def pvgg16():
     torch.manual_seed(0)

@@ -61,7 +61,8 @@ def workdir(tmp_path_factory):
 
 def write_job(root: Path, name: str, *, space: str = "space.toml", num_samples: int = 5, concurrent: int = 1,
               images: int = 48, points: str = '["default", { name = "mine", beta = 0.5, lambda = 0.2, alpha = 0.05 }]',
-              extra: str = "", sampler: str = "tpe", strategy: str = "joint", timesteps: int = 2) -> Path:
+              extra: str = "", sampler: str = "tpe", strategy: str = "joint", timesteps: int = 2,
+              search_extra: str = "") -> Path:
     path = root / f"{name}.toml"
     path.write_text(f"""
 [model]
@@ -85,6 +86,7 @@ max_concurrent_trials = {concurrent}
 seed = 3
 strategy = "{strategy}"
 starting_points = {points}
+{search_extra}
 [run]
 storage_path = "{root}/runs"
 """)

@@ -1,4 +1,5 @@
-"""Ray Tune callbacks of a search: one progress line per trial, and Tune-state snapshots."""
+"""Ray Tune callbacks of a search: one progress line per trial, Tune-state snapshots, and the record
+of trials stopped early."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from ray import tune
 
 from pctune.search.objective import METRIC
+from pctune.search.rundir import is_final, record_early_stop
 from pctune.search.tune_state import snapshot
 
 #: A trial whose worker or node dies is rerun (same trial id, same config) up to this many times. A
@@ -33,18 +35,38 @@ class StateSnapshots(tune.Callback):
             self.seen = seen
 
 
+class EarlyStops(tune.Callback):
+    """Records the trials that completed without a final result: a scheduler stopped them early (a
+    trial only returns after its last image). Tune calls this before it saves its state, so a resumed
+    search knows them as done."""
+
+    def __init__(self, exp_dir: Path) -> None:
+        self.exp_dir = Path(exp_dir)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if METRIC in result and not is_final(result):
+            record_early_stop(self.exp_dir, trial.trial_id, int(result.get("num_images", 0)))
+
+
 class Progress(tune.Callback):
-    """One line per finished trial: its score and the best so far."""
+    """One line per finished trial: its score (or where the scheduler stopped it) and the best final
+    score so far."""
 
     def __init__(self, stage: str, total: int) -> None:
         self.stage, self.total, self.best = stage, total, math.inf
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
         value = result.get(METRIC, math.nan)
-        others = [t.last_result[METRIC] for t in trials
-                  if t is not trial and t.last_result and METRIC in t.last_result]
-        self.best = min([self.best, value, *others])  # restored trials count too
+        others = [t.last_result for t in trials if t is not trial and t.status == "TERMINATED" and t.last_result]
+        finals = [r[METRIC] for r in [*others, result] if METRIC in r and is_final(r) and not r.get("diverged")]
+        self.best = min([self.best, *finals])  # restored trials count too
         done = 1 + len(others)
+        if not is_final(result):
+            print(f"[{self.stage}] trial {done}/{self.total}  stopped at {int(result.get('num_images', 0))}/"
+                  f"{int(result.get('total_images', 0))} images  mean_ce {value:.4f}  best {self.best:.4f}", flush=True)
+            return
         last_t = max((int(k[len("accuracy_t"):]) for k in result if k.startswith("accuracy_t")), default=0)
         flag = "  DIVERGED" if result.get("diverged") else ""
         print(f"[{self.stage}] trial {done}/{self.total}  mean_ce {value:.4f}  "

@@ -7,6 +7,7 @@ from typing import Any
 
 from pctune.search.job import STRATEGIES
 from pctune.search.samplers import SAMPLERS
+from pctune.search.schedulers import SCHEDULERS
 
 #: command-line flag -> job field it overrides
 _OVERRIDES = {
@@ -16,6 +17,10 @@ _OVERRIDES = {
     "seed": "search.seed",
     "space": "search.space",
     "strategy": "search.strategy",
+    "scheduler": "search.scheduler",
+    "grace_images": "search.grace_images",
+    "reduction_factor": "search.reduction_factor",
+    "cache_gb": "search.cache_gb",
     "data": "data.path",
     "num_images": "data.num_images",
     "feedback_weights": "model.feedback_weights",
@@ -40,6 +45,11 @@ def add_search_commands(commands) -> None:
     search.add_argument("--seed", type=int)
     search.add_argument("--space", help="a search space name in search_spaces/ or a TOML path")
     search.add_argument("--strategy", choices=list(STRATEGIES))
+    search.add_argument("--scheduler", choices=list(SCHEDULERS),
+                        help="fifo: every trial sees every image; asha/hyperband: stop unpromising trials early")
+    search.add_argument("--grace-images", type=int, help="images a trial sees before it can be stopped")
+    search.add_argument("--reduction-factor", type=float, help="asha/hyperband: keep 1 in this many at each rung")
+    search.add_argument("--cache-gb", type=float, help="memory per worker for reusing timestep 0 (0: off)")
     search.add_argument("--data", help="the ImageNet validation folder")
     search.add_argument("--num-images", type=int)
     search.add_argument("--feedback-weights", help="decoder weights (file or Predify folder)")

@@ -25,12 +25,13 @@ from ray.tune.logger import JsonLoggerCallback
 from pctune import interrupts
 from pctune.errors import Interrupted, PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
-from pctune.search.callbacks import MAX_FAILURES, Progress, StateSnapshots
+from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, StateSnapshots
 from pctune.search.job import Job
 from pctune.search.objective import METRIC, MODE
 from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_paths, prepare
 from pctune.search.rundir import COMBINATION, JOB, MARKER, REFERENCES, RunDir, Trial, load_trials
 from pctune.search.samplers import make_sampler
+from pctune.search.schedulers import FidelityOptunaSearch, make_scheduler, report_points
 from pctune.search.space import SearchSpace, SpaceSampler, hparams_to_config
 from pctune.search.trainable import TrialPayload, digest_arrays, run_trial, state_arrays
 from pctune.search.tune_state import check_ray_version, repair
@@ -96,10 +97,13 @@ def trial_setup(prep: Prepared) -> TrialPayload:
 
     state = state_arrays(prep.net)
     data = {"images": prep.images, "labels": prep.labels}
+    search = prep.job.search
     return TrialPayload(spec=prep.spec, model_key=digest_arrays(state), model_ref=ray.put(state),
                       data_key=digest_arrays(data), data_ref=ray.put(data),
                       timesteps=prep.job.objective.timesteps, batch_size=prep.job.objective.batch_size,
-                      penalty=prep.penalty)
+                      penalty=prep.penalty, checkpoint=search.scheduler == "hyperband", cache_gb=search.cache_gb,
+                      report_at=tuple(report_points(len(prep.labels), search.scheduler, search.grace_images,
+                                                    search.reduction_factor)))
 
 
 def evaluate_points(setup: TrialPayload, points: dict[str, Hyperparameters], resources: dict) -> dict[str, dict]:
@@ -198,24 +202,29 @@ def _tuner(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpace, 
     """A new Tune experiment for ``stage``."""
     job = prep.job
     searcher = make_searcher(job, space, points)
+    scheduler = make_scheduler(job.search.scheduler, job.run_dir / stage, len(prep.labels), job.search.grace_images,
+                               job.search.reduction_factor)
+    # HyperBand pauses trials; paused trials would hold Tune's concurrency slots and its brackets would
+    # wait for them forever, so under HyperBand the cluster's resources alone limit concurrency.
+    concurrent = None if job.search.scheduler == "hyperband" else job.search.max_concurrent_trials
     return tune.Tuner(
         _trainable(job, setup),
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=job.search.num_samples,
-                                    max_concurrent_trials=job.search.max_concurrent_trials, reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=job.search.num_samples,
+                                    max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=stage, storage_path=str(job.run_dir), verbose=1 if job.run.verbose else 0,
-                                  callbacks=[JsonLoggerCallback(), Progress(stage, job.search.num_samples),
+                                  callbacks=[JsonLoggerCallback(), EarlyStops(job.run_dir / stage),
+                                             Progress(stage, job.search.num_samples),
                                              StateSnapshots(job.run_dir / stage), *(callbacks or [])],
                                   failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
     )
 
 
 def make_searcher(job: Job, space: SearchSpace, points: list[StartingPoint]):
-    """Ray Tune's OptunaSearch over ``space`` with the job's seeded sampler, the starting points first."""
-    from ray.tune.search.optuna import OptunaSearch
-
+    """Ray Tune's OptunaSearch over ``space`` with the job's seeded sampler, the starting points first
+    (trials stopped early reach the study as PRUNED: :class:`FidelityOptunaSearch`)."""
     sampler = make_sampler(job.search.sampler, job.search.seed, job.search.max_concurrent_trials, job.source)
-    return OptunaSearch(space=SpaceSampler(space), metric=METRIC, mode=MODE, sampler=sampler,
-                        points_to_evaluate=[p.coords for p in points] or None)
+    return FidelityOptunaSearch(space=SpaceSampler(space), metric=METRIC, mode=MODE, sampler=sampler,
+                                points_to_evaluate=[p.coords for p in points] or None)
 
 
 def _trainable(job: Job, setup: TrialPayload):
@@ -268,7 +277,7 @@ def _job_ref(job: Job) -> str:
 
 
 _OWN_METRIC = re.compile(r"^(mean_ce|diverged|ce_t\d+|accuracy_t\d+|recon_error_pc\d+(_t\d+)?|num_images|"
-                         r"eval_seconds|model_loads|gpu)$")
+                         r"eval_seconds|model_loads|gpu|total_images|final|t0_cached)$")
 
 
 def _reported_results(trials: list[Trial]) -> dict[str, dict[str, float]]:

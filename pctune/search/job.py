@@ -30,6 +30,7 @@ from pctune.models.spec import read_toml
 from pctune.schema import at_least, convert, error, no_unknown, read_table
 from pctune.search.locate import REPO_ROOT, resolve_job_path, resolve_space_path  # noqa: F401 (re-exported)
 from pctune.search.samplers import SAMPLERS
+from pctune.search.schedulers import SCHEDULERS
 
 STRATEGIES = ("joint", "per-pcoder")
 DATA_SOURCES = ("imagenet-val", "digits")
@@ -83,6 +84,12 @@ class SearchConfig:
     defaults: str = "default"  # per-pcoder: the model preset the other pcoders stay at
     starting_points: list[Any] = field(default_factory=lambda: ["default"])
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
+    # Multi-fidelity over images (pctune.search.schedulers): "fifo" scores every trial on every image;
+    # "asha" / "hyperband" stop unpromising trials early, at images seen = grace_images x reduction_factor^k.
+    scheduler: str = "fifo"
+    grace_images: int | None = None  # default: the images / reduction_factor^3, rounded up
+    reduction_factor: float = 3.0
+    cache_gb: float = 1.0  # per worker: timestep-0 results kept for reuse by later trials (0: off)
 
 
 @dataclass
@@ -287,6 +294,12 @@ def _search(table: Any, source: str) -> SearchConfig:
         raise error(source, "search.strategy", f"unknown strategy {cfg.strategy!r} ({', '.join(STRATEGIES)})")
     at_least(cfg.num_samples, 1, source, "search.num_samples")
     at_least(cfg.max_concurrent_trials, 1, source, "search.max_concurrent_trials")
+    if cfg.scheduler not in SCHEDULERS:
+        raise error(source, "search.scheduler", f"unknown scheduler {cfg.scheduler!r} ({', '.join(SCHEDULERS)})")
+    at_least(cfg.grace_images, 1, source, "search.grace_images")
+    if cfg.reduction_factor <= 1:
+        raise error(source, "search.reduction_factor", f"must be > 1, got {cfg.reduction_factor}")
+    at_least(cfg.cache_gb, 0, source, "search.cache_gb")
     for i, point in enumerate(cfg.starting_points, start=1):
         if not isinstance(point, str | Mapping):
             raise error(source, f"search.starting_points[{i}]", f"expected a preset name or a table, got {point!r}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pctune.errors import PctuneError
 from pctune.models.spec import ModelSpec
@@ -158,6 +159,13 @@ def check_paths(job: Job) -> None:
                           "(pass --backbone-weights PATH)")
 
 
+def evaluation_order(images: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images in the fixed seeded order every trial scores them in. A folder's subset comes sorted
+    by class; shuffled, the first images a trial sees (all a trial stopped early sees) are a fair sample."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed))).numpy()
+    return np.ascontiguousarray(images[order]), labels[order]
+
+
 def prepare(job: Job, log: Log = _print) -> Prepared:
     """Everything the search computes once, on the driver (the job's paths are checked by the caller,
     :func:`check_paths`, before anything else)."""
@@ -175,7 +183,7 @@ def prepare(job: Job, log: Log = _print) -> Prepared:
                               f"({space_path})")
     num_classes = check_classes(job, net)
     unreadable: list[str] = []
-    images, labels = noisy_images(job, spec, unreadable)
+    images, labels = evaluation_order(*noisy_images(job, spec, unreadable), job.data.seed)
     if unreadable:
         log(f"warning: {len(unreadable)} unreadable images skipped (listed in job.json), e.g. {unreadable[0]}")
     penalty = job.objective.divergence_penalty or default_penalty(num_classes)

@@ -24,7 +24,8 @@ def _row(entry: Entry, timesteps: int) -> dict[str, Any]:
     row = {"kind": entry.kind, "name": entry.name, METRIC: metrics.get(METRIC, math.nan),
            "acc_t0": metrics.get("accuracy_t0", math.nan),
            f"acc_t{timesteps}": metrics.get(f"accuracy_t{timesteps}", math.nan),
-           "ce_t0": metrics.get("ce_t0", math.nan), "diverged": entry.diverged}
+           "ce_t0": metrics.get("ce_t0", math.nan), "diverged": entry.diverged,
+           "num_images": int(metrics.get("num_images", 0)), "stopped_early": not entry.full_fidelity}
     row.update(entry.params)
     if entry.trial_id is not None:
         row["trial_id"] = entry.trial_id
@@ -33,8 +34,9 @@ def _row(entry: Entry, timesteps: int) -> dict[str, Any]:
 
 def leaderboard(job: Job) -> pd.DataFrame:
     """All finished trials and the reference rows (feedforward, the model's presets, the per-pcoder
-    combination), lowest score first; ``rank`` is the position in :meth:`RunDir.ranking` (blank for
-    references and diverged points, which never win)."""
+    combination), lowest score first, then the trials stopped early (their running score over the
+    images they saw); ``rank`` is the position in :meth:`RunDir.ranking` (blank for references,
+    diverged points and trials stopped early, which never win)."""
     run_dir = RunDir(job.run_dir)
     run_dir.require_search(job.name)
     return _leaderboard(run_dir.entries(), run_dir.timesteps)
@@ -42,7 +44,7 @@ def leaderboard(job: Job) -> pd.DataFrame:
 
 def _leaderboard(entries: list[Entry], timesteps: int) -> pd.DataFrame:
     ranked = {id(e): i for i, e in enumerate(rank(entries), start=1)}
-    by_score = sorted(entries, key=lambda e: e.mean_ce if math.isfinite(e.mean_ce) else math.inf)
+    by_score = sorted(entries, key=lambda e: (not e.full_fidelity, e.mean_ce if math.isfinite(e.mean_ce) else math.inf))
     rows = [{"rank": ranked.get(id(e)), **_row(e, timesteps)} for e in by_score]
     if not rows:
         return pd.DataFrame()
@@ -93,7 +95,9 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
     trials = int((frame["kind"] == "trial").sum())
     with pd.option_context("display.width", 200, "display.max_columns", 12, "display.float_format", "{:.4f}".format):
         shown = frame if top is None else frame.head(top)
-        log(f"leaderboard of {job.name} ({trials} trials; top {len(shown)}):")
+        stopped = int(frame["stopped_early"].sum())
+        log(f"leaderboard of {job.name} ({trials} trials{f', {stopped} stopped early' if stopped else ''}; "
+            f"top {len(shown)}):")
         log(shown.drop(columns=["trial_id"], errors="ignore").to_string(index=False))
         summary = summary_table(frame, timesteps)
         log("\nsummary (noisy images, sigma = {}, T = {}):".format(record["job"]["objective"]["sigma"], timesteps))
@@ -102,7 +106,7 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
            "summary": summary.to_dict("records")}
     best = next(iter(rank(entries)), None)
     if best is None:
-        log("\nno configuration to recommend: every finished trial diverged")
+        log("\nno configuration to recommend: every finished trial diverged or was stopped early")
     else:
         run_dir.write_text(BEST, best_toml(job, best, record["model"]))
         log("\nbest configuration:")

@@ -7,6 +7,7 @@ Layout of ``<storage_path>/<job name>`` (default ``./pctune_runs/<job>``):
     joint/              Ray Tune experiment (strategy "joint")
     pcoder1/ ...        one Ray Tune experiment per pcoder (strategy "per-pcoder")
     combination.json    per-pcoder: the combined winners and their score
+    .STAGE.early-stops.json   trials a scheduler (asha, hyperband) stopped before their last image
     tracking.json       the search's MLflow identity (search id, tracking URI, experiment)
     leaderboard.csv, best.toml   written by ``pctune results`` (and at the end of a search)
     promotion/<rankN>/<stage>/   promotion results, one folder per promoted configuration
@@ -42,13 +43,16 @@ PROMOTION = "promotion"
 MARKER = ".pctune-run"  # written when pctune creates a run directory: only such a folder is ever removed
 
 _STAGE_DIR = re.compile(r"^(joint|pcoder(\d+))$")
-_OWN_HIDDEN = re.compile(r"^\.(joint|pcoder\d+)\.tune-state\.(pkl|json)$|^(joint|pcoder\d+)\.damaged-[\d-]+$")
+_OWN_HIDDEN = re.compile(r"^\.(joint|pcoder\d+)\.(tune-state\.(pkl|json)|early-stops\.json)$"
+                         r"|^(joint|pcoder\d+)\.damaged-[\d-]+$")
 _TRIAL_DIR = re.compile(r"^[A-Za-z0-9_]*?_[0-9a-f]{8}_(\d+)_")
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One trial of a Tune experiment; ``status`` is TERMINATED (reported), ERROR or PENDING."""
+    """One trial of a Tune experiment; ``status`` is TERMINATED (its final result reported, or stopped
+    early by the scheduler), ERROR or PENDING (not started, or still running: a partial result only).
+    ``curve``: (images seen, running mean_ce) at each of its reports."""
 
     trial_id: str
     folder: str
@@ -56,6 +60,8 @@ class Trial:
     status: str
     config: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    curve: tuple[tuple[int, float], ...] = ()
+    stopped_early: bool = False
 
     @property
     def finished(self) -> bool:
@@ -71,6 +77,7 @@ class Entry:
     config: dict[str, Any]
     metrics: dict[str, Any]
     trial_id: str | None = None
+    curve: tuple[tuple[int, float], ...] = ()  # a trial's (images seen, running mean_ce) reports
 
     @property
     def mean_ce(self) -> float:
@@ -79,6 +86,11 @@ class Entry:
     @property
     def diverged(self) -> bool:
         return bool(self.metrics.get("diverged", 0))
+
+    @property
+    def full_fidelity(self) -> bool:
+        """Scored on every image (or diverged): a final score. A trial stopped early is not."""
+        return is_final(self.metrics)
 
     @property
     def params(self) -> dict[str, float]:
@@ -96,35 +108,79 @@ class Entry:
         return self.trial_id or ("combination" if self.kind == "combination" else self.name)
 
 
+def is_final(metrics: dict[str, Any]) -> bool:
+    """A trial's result is final once it covers every image or the dynamics diverged (results of
+    pctune before multi-fidelity have no ``final`` key and are final)."""
+    return bool(metrics.get("final", 1.0))
+
+
 def load_trials(exp_dir: str | Path) -> list[Trial]:
     """Every trial of one Tune experiment folder, in creation order."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         return []
-    trials = [_read_trial(folder) for folder in exp_dir.iterdir()
+    stopped = read_early_stops(exp_dir)
+    trials = [_read_trial(folder, stopped) for folder in exp_dir.iterdir()
               if folder.is_dir() and (folder / "params.json").is_file()]
-    return sorted(trials, key=lambda t: (t.index, t.folder))
+    return sorted((t for t in trials if t is not None), key=lambda t: (t.index, t.folder))
 
 
-def _read_trial(folder: Path) -> Trial:
-    metrics = last_result(folder / "result.json") or {}
-    status = "TERMINATED" if METRIC in metrics else ("ERROR" if any(folder.glob("error.*")) else "PENDING")
+def _read_trial(folder: Path, stopped: dict[str, int]) -> Trial | None:
+    try:
+        config = json.loads((folder / "params.json").read_text())
+    except ValueError:  # a params.json the killed driver left empty: the trial never started
+        return None
+    results = [r for r in read_results(folder / "result.json") if METRIC in r]
+    metrics = results[-1] if results else {}
+    trial_id = metrics.get("trial_id", folder.name)
+    early = bool(metrics) and not is_final(metrics) and trial_id in stopped
+    if metrics and (is_final(metrics) or early):
+        status = "TERMINATED"
+    else:
+        status = "ERROR" if any(folder.glob("error.*")) else "PENDING"
     match = _TRIAL_DIR.search(folder.name)
-    return Trial(trial_id=metrics.get("trial_id", folder.name), folder=folder.name,
-                 index=int(match.group(1)) if match else -1, status=status,
-                 config=json.loads((folder / "params.json").read_text()), metrics=metrics)
+    curve = tuple((int(r.get("num_images", 0)), float(r[METRIC])) for r in results)
+    return Trial(trial_id=trial_id, folder=folder.name, index=int(match.group(1)) if match else -1, status=status,
+                 config=config, metrics=metrics, curve=curve, stopped_early=early)
+
+
+def read_results(path: Path) -> list[dict]:
+    """The complete lines of a ``result.json`` (a driver killed while appending cuts one short)."""
+    if not path.is_file():
+        return []
+    results = []
+    for line in path.read_text().splitlines():
+        try:
+            results.append(json.loads(line))
+        except ValueError:
+            continue
+    return results
 
 
 def last_result(path: Path) -> dict | None:
-    """The last complete line of a ``result.json`` (a driver killed while appending cuts one short)."""
-    if not path.is_file():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
+    """The last complete line of a ``result.json``."""
+    return next(reversed(read_results(path)), None)
+
+
+def early_stops_path(exp_dir: Path) -> Path:
+    return exp_dir.parent / f".{exp_dir.name}.early-stops.json"
+
+
+def read_early_stops(exp_dir: Path) -> dict[str, int]:
+    """trial id -> images seen, for the trials of ``exp_dir`` a scheduler stopped early."""
+    path = early_stops_path(Path(exp_dir))
+    try:
+        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def record_early_stop(exp_dir: Path, trial_id: str, images: int) -> None:
+    """Note that the scheduler stopped ``trial_id`` after ``images`` images (written before Tune acts on
+    it, so a resumed search knows the trial is done)."""
+    stops = read_early_stops(exp_dir)
+    stops[trial_id] = images
+    atomic_write_json(early_stops_path(Path(exp_dir)), stops)
 
 
 class RunDir:
@@ -215,7 +271,7 @@ class RunDir:
     def entries(self, stage: str | None = None) -> list[Entry]:
         """Every scored configuration: finished trials, then references, then the combination; with
         ``stage``, the finished trials of that Tune experiment only."""
-        entries = [Entry("trial", f"{s}/{t.index}", t.config, t.metrics, t.trial_id)
+        entries = [Entry("trial", f"{s}/{t.index}", t.config, t.metrics, t.trial_id, t.curve)
                    for s, t in self.finished_trials(stage)]
         if stage is not None:
             return entries
@@ -236,6 +292,8 @@ class RunDir:
 
 def rank(entries: list[Entry]) -> list[Entry]:
     """THE ranking: the searched configurations among ``entries`` (trials and the per-pcoder
-    combination; never a reference, never a diverged point), best score first; ties keep their order."""
-    found = [e for e in entries if e.kind != "reference" and not e.diverged and math.isfinite(e.mean_ce)]
+    combination; never a reference, never a diverged point, never a trial stopped before its last
+    image), best score first; ties keep their order."""
+    found = [e for e in entries if e.kind != "reference" and not e.diverged and e.full_fidelity
+             and math.isfinite(e.mean_ce)]
     return sorted(found, key=lambda e: e.mean_ce)

@@ -8,9 +8,13 @@ in module-level caches keyed by content digests, so a trial costs one evaluation
 from __future__ import annotations
 
 import hashlib
+import json
+import tempfile
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +23,9 @@ import torch
 from pctune.models.spec import ModelSpec
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
-from pctune.search.objective import score
+from pctune.search.objective import RunningSums, score_chunks
 from pctune.search.space import hparams_from_config
+from pctune.search.t0cache import CACHE
 
 _MODELS: OrderedDict[tuple, PredictiveNet] = OrderedDict()
 _DATA: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -41,6 +46,9 @@ class TrialPayload:
     timesteps: int
     batch_size: int
     penalty: float | None = None
+    report_at: tuple[int, ...] = ()  # images seen at which a trial reports (pctune.search.schedulers)
+    checkpoint: bool = False  # save the running sums with every report (a paused trial resumes from them)
+    cache_gb: float = 0.0  # per worker: timestep-0 results kept for later trials (pctune.search.t0cache)
     # On resume: results of trials that finished just before the driver died but that the saved
     # experiment state still lists as running. Tune reruns those; they replay their result instead.
     replay: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -119,20 +127,34 @@ def _trim(cache: OrderedDict) -> None:
         cache.popitem(last=False)
 
 
-def evaluate(setup: TrialPayload, hparams: Hyperparameters) -> dict[str, float]:
-    """Score ``hparams`` in this process (a Tune trial or a plain Ray task)."""
+def evaluate_chunks(setup: TrialPayload, hparams: Hyperparameters,
+                    sums: RunningSums | None = None) -> Iterator[dict[str, float]]:
+    """Score ``hparams`` in this process (a Tune trial or a plain Ray task), yielding the running
+    metrics at every report point of ``setup`` (the last one final)."""
     _set_threads()
     device = trial_device()
     net, images, labels = materialize(setup, device)
-    metrics = score(net, images, labels, hparams.for_pcoders(net.num_pcoders), timesteps=setup.timesteps,
-                    batch_size=setup.batch_size, penalty=setup.penalty)
-    metrics["model_loads"] = float(STATS["model_loads"])
-    metrics["gpu"] = float(device.type == "cuda")
-    return metrics
+    counter = {"cached": 0}
+    starts = None
+    if setup.cache_gb > 0:
+        starts = CACHE.starts(net, (setup.model_key, setup.data_key, str(device)), setup.cache_gb, counter)
+    for metrics in score_chunks(net, images, labels, hparams.for_pcoders(net.num_pcoders),
+                                timesteps=setup.timesteps, batch_size=setup.batch_size, report_at=setup.report_at,
+                                penalty=setup.penalty, starts=starts, sums=sums):
+        metrics["model_loads"] = float(STATS["model_loads"])
+        metrics["gpu"] = float(device.type == "cuda")
+        metrics["t0_cached"] = float(counter["cached"])  # images whose timestep 0 came from the cache
+        yield metrics
+
+
+def evaluate(setup: TrialPayload, hparams: Hyperparameters) -> dict[str, float]:
+    """The final metrics of :func:`evaluate_chunks` (the same batches as the trials: the same rounding)."""
+    *_, final = evaluate_chunks(setup, hparams)
+    return final
 
 
 def run_trial(config: dict[str, Any], setup: TrialPayload) -> None:
-    """The Ray Tune function trainable: one evaluation, reported once."""
+    """The Ray Tune function trainable: reports the running score at each report point."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
@@ -140,8 +162,38 @@ def run_trial(config: dict[str, Any], setup: TrialPayload) -> None:
         tune.report({**setup.replay[trial_id], "replayed": 1.0})
         return
     hparams = hparams_from_config(config, setup.spec.num_pcoders)
+    sums = None
+    if setup.checkpoint:  # a trial HyperBand paused resumes from its running sums
+        sums = _restored_sums() or RunningSums(setup.timesteps, setup.spec.num_pcoders)
     # node_id: the Ray node the trial ran on (a string: kept in result.json, never an MLflow metric)
-    tune.report({**evaluate(setup, hparams), "node_id": node_id()})
+    node = node_id()
+    for metrics in evaluate_chunks(setup, hparams, sums):
+        _report({**metrics, "node_id": node}, sums)
+
+
+_SUMS_FILE = "running_sums.json"
+
+
+def _restored_sums() -> RunningSums | None:
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return RunningSums.from_state(json.loads((Path(folder) / _SUMS_FILE).read_text()))
+
+
+def _report(metrics: dict[str, Any], sums: RunningSums | None) -> None:
+    """``tune.report``, with the running sums as a checkpoint when the trial may be paused."""
+    from ray import tune
+
+    if sums is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / _SUMS_FILE).write_text(json.dumps(sums.state()))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def node_id() -> str:

@@ -4,8 +4,11 @@
   ``pctune.job``, ``pctune.version``, ``pctune.git_commit``; after the search, ``best_mean_ce``,
   ``baseline_mean_ce``, ``default_mean_ce``, the leaderboard CSV and the summary plots;
 - one nested child run per trial: params ``pcoder{n}.beta``, ``pcoder{n}.lambda``, ``pcoder{n}.alpha``,
-  metric ``mean_ce``, and ``ce``, ``accuracy`` and ``recon_error_pc{n}`` at step t for t = 0..T; tag
-  ``pctune.trial_id`` makes logging idempotent (``sync`` uploads only what is missing).
+  metric ``mean_ce`` at step = images seen (a curve: the running score at each report), ``num_images``
+  and ``total_images``, and ``ce``, ``accuracy`` and ``recon_error_pc{n}`` at step t for t = 0..T; tag
+  ``pctune.stopped_early`` ("true" when a scheduler stopped the trial before its last image: its
+  scores cover ``num_images`` images only); tag ``pctune.trial_id`` makes logging idempotent
+  (``sync`` uploads only what is missing).
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ TRIAL_TAG = "pctune.trial_id"
 SEARCH_TAG = "pctune.search_id"
 JOB_TAG = "pctune.job"
 COMPLETE_TAG = "pctune.complete"  # set by a child run's last write
+STOPPED_TAG = "pctune.stopped_early"
 _STEP_METRIC = re.compile(r"^(ce|accuracy)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
 
 
-def trial_metrics(result: Mapping[str, Any]) -> list[tuple[str, float, int]]:
-    """(name, value, step) for a trial's result: ``mean_ce`` at step 0, and ``ce_t3`` ->
+def trial_metrics(result: Mapping[str, Any], curve: Iterable[tuple[int, float]] = ()) -> list[tuple[str, float, int]]:
+    """(name, value, step) for a trial's result: ``mean_ce`` at step = images seen (0 when the result
+    does not say) and at each (images seen, mean_ce) point of ``curve``, and ``ce_t3`` ->
     (``ce``, value, 3), ``accuracy_t3``, ``recon_error_pc2_t3`` -> (``recon_error_pc2``, value, 3)."""
-    metrics = []
+    seen = int(result.get("num_images", 0) or 0)
+    metrics = [("mean_ce", float(value), int(step)) for step, value in curve if int(step) != seen]
     for key, value in result.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
             continue
@@ -45,7 +51,9 @@ def trial_metrics(result: Mapping[str, Any]) -> list[tuple[str, float, int]]:
             name = match.group(1) or match.group(3)
             step = int(match.group(2) or match.group(4))
             metrics.append((name, float(value), step))
-        elif key in ("mean_ce", "diverged"):
+        elif key == "mean_ce":
+            metrics.append((key, float(value), seen))
+        elif key in ("diverged", "num_images", "total_images"):
             metrics.append((key, float(value), 0))
     return metrics
 
@@ -125,29 +133,31 @@ class SearchTracker:
                 return ids
 
     def log_trial(self, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any],
-                  name: str | None = None) -> str:
-        """One nested child run for a finished trial."""
+                  name: str | None = None, curve: Iterable[tuple[int, float]] = ()) -> str:
+        """One nested child run for a finished trial (``curve``: its (images seen, mean_ce) reports)."""
         if self.parent_id is None:
             raise RuntimeError("start() the search run first")
         tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, "mlflow.runName": name or trial_id}
         if result.get("diverged"):
             tags["pctune.diverged"] = "true"
+        tags[STOPPED_TAG] = "false" if result.get("final", 1.0) else "true"
         run = self.client.create_run(self.experiment_id, tags=tags)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v, step in trial_metrics(result) if math.isfinite(v)]
+        metrics = [Metric(k, v, now, step) for k, v, step in trial_metrics(result, curve) if math.isfinite(v)]
         params = [Param(k, repr(v)) for k, v in trial_params(config).items()]
         log_in_batches(self.client, run.info.run_id, metrics, params)
         self.client.set_terminated(run.info.run_id, "FAILED" if result.get("diverged") else "FINISHED")
         self.client.set_tag(run.info.run_id, COMPLETE_TAG, "true")
         return run.info.run_id
 
-    def log_missing(self, trials: Iterable[tuple[str, Mapping, Mapping]]) -> int:
-        """Log the (trial_id, config, result) triples that have no child run yet; return how many."""
+    def log_missing(self, trials: Iterable[tuple]) -> int:
+        """Log the (trial_id, config, result) or (trial_id, config, result, curve) tuples that have no
+        child run yet; return how many."""
         done = self.logged_trials()
         count = 0
-        for trial_id, config, result in trials:
+        for trial_id, config, result, *curve in trials:
             if trial_id not in done:
-                self.log_trial(trial_id, config, result)
+                self.log_trial(trial_id, config, result, curve=curve[0] if curve else ())
                 done.add(trial_id)
                 count += 1
         return count

@@ -32,6 +32,7 @@ class MlflowTrialLogger(tune.Callback):
         self.warn = warn
         self.tracker: SearchTracker | None = None
         self.failed = False
+        self.curves: dict[str, dict[int, float]] = {}  # trial id -> images seen -> running mean_ce
 
     def setup(self, **info: Any) -> None:
         try:
@@ -39,11 +40,17 @@ class MlflowTrialLogger(tune.Callback):
         except Exception as exc:  # MLflow raises its own and requests' exception types
             self.fail(exc)
 
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        if "mean_ce" in result and "num_images" in result:
+            self.curves.setdefault(trial.trial_id, {})[int(result["num_images"])] = float(result["mean_ce"])
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        curve = sorted(self.curves.pop(trial.trial_id, {}).items())
         if self.tracker is None or not trial.last_result:
             return
         try:
-            self.tracker.log_trial(trial.trial_id, trial.config, trial.last_result, name=f"trial-{trial.trial_id}")
+            self.tracker.log_trial(trial.trial_id, trial.config, trial.last_result, name=f"trial-{trial.trial_id}",
+                                   curve=curve)
         except Exception as exc:
             self.fail(exc)
 
