@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 ARMS = {"tpe": {"search.scheduler": "fifo", "search.cache_gb": 0.0},
-        "tpe+asha": {"search.scheduler": "asha", "search.cache_gb": 1.0}}
+        "tpe+asha": {"search.scheduler": "asha", "search.cache_gb": 1.0},
+        "tpe+hyperband": {"search.scheduler": "hyperband", "search.cache_gb": 1.0}}
 
 
 def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:
@@ -85,9 +86,11 @@ def best_within(curve: list[tuple[float, float]], budget: float) -> float:
     return min((best for spent, best in curve if spent <= budget), default=math.inf)
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], arm: str) -> dict:
+    """``arm`` against plain TPE: the compute (and seconds) it needs to reach plain TPE's median final
+    best, and its best at plain TPE's budget (medians over the seeds)."""
     plain = [r for r in runs if r["arm"] == "tpe"]
-    fast = [r for r in runs if r["arm"] == "tpe+asha"]
+    fast = [r for r in runs if r["arm"] == arm]
     out = {}
     for key, unit in (("compute", "image_timesteps"), ("seconds", "eval_seconds")):
         plain_curves = [anytime(r["trials"], key) for r in plain]
@@ -97,16 +100,18 @@ def summarize(runs: list[dict]) -> dict:
         reach = [cost_to_reach(c, target) for c in fast_curves]
         out[unit] = {
             "plain_budget_median": budget, "plain_final_best_median": target,
-            "asha_cost_to_reach_plain_median_best": reach,
-            "asha_cost_to_reach_median": statistics.median(reach),
-            "asha_fraction_of_plain_budget": statistics.median(reach) / budget,
-            "asha_best_at_plain_budget": [best_within(c, budget) for c in fast_curves],
-            "asha_best_at_plain_budget_median": statistics.median(best_within(c, budget) for c in fast_curves),
+            "cost_to_reach_plain_median_best": reach,
+            "cost_to_reach_median": statistics.median(reach),
+            "fraction_of_plain_budget": statistics.median(reach) / budget,
+            "best_at_plain_budget": [best_within(c, budget) for c in fast_curves],
+            "best_at_plain_budget_median": statistics.median(best_within(c, budget) for c in fast_curves),
         }
     fast_rows = [row for r in fast for row in r["trials"]]
-    out["asha_trials_stopped_early"] = sum(not row["final"] for row in fast_rows)
-    out["asha_trials"] = len(fast_rows)
-    out["asha_fraction_without_cache_credit"] = statistics.median(
+    out["trials_stopped_early"] = sum(not row["final"] for row in fast_rows)
+    out["trials"] = len(fast_rows)
+    out["mean_cost_of_a_trial_vs_full"] = statistics.mean(row["compute"] for row in fast_rows) / (
+        fast[0]["num_images"] * (fast[0]["timesteps"] + 1))
+    out["fraction_without_cache_credit"] = statistics.median(
         cost_to_reach(anytime(r["trials"], "compute_no_cache"), out["image_timesteps"]["plain_final_best_median"])
         for r in fast) / out["image_timesteps"]["plain_budget_median"]
     return out
@@ -180,31 +185,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--fifo-trials", type=int, default=60)
-    parser.add_argument("--asha-trials", type=int, default=400)
+    parser.add_argument("--asha-trials", type=int, default=150, help="trials of each early-stopping arm")
+    parser.add_argument("--arms", default="tpe,tpe+asha,tpe+hyperband")
+    parser.add_argument("--merge", type=Path, help="runs of an earlier result file to add (other arms)")
+    parser.add_argument("--skip-engine", action="store_true", help="no timestep-0 / batching measurements")
     parser.add_argument("--skip-search", action="store_true", help="only the timestep-0 cache measurement")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": "none measured"},
-              "arms": ARMS, "fifo_trials": args.fifo_trials, "asha_trials": args.asha_trials}
+              "arms": ARMS, "fifo_trials": args.fifo_trials, "early_stopping_trials": args.asha_trials}
     if not args.skip_search:
-        runs = []
+        runs = json.loads(args.merge.read_text())["runs"] if args.merge else []
+        arms = args.arms.split(",")
         with tempfile.TemporaryDirectory() as tmp:
             for seed in range(args.seeds):
-                for arm, trials in (("tpe", args.fifo_trials), ("tpe+asha", args.asha_trials)):
+                for arm in arms:
+                    trials = args.fifo_trials if arm == "tpe" else args.asha_trials
                     run = run_arm(arm, seed, trials, Path(tmp))
                     runs.append(run)
                     best = anytime(run["trials"])[-1]
                     print(f"{arm:9s} seed {seed}: {len(run['trials'])} trials, compute {best[0]:.0f} image-timesteps, "
                           f"best {best[1]:.4f}, {run['wall_s']:.0f}s", flush=True)
         result["runs"] = runs
-        result["summary"] = summarize(runs)
+        result["summary"] = {arm: summarize(runs, arm) for arm in sorted({r["arm"] for r in runs} - {"tpe"})}
         print(json.dumps(result["summary"], indent=2))
+    if args.skip_engine:
+        return _write(result, args.out)
     result["t0_cache"] = t0_saving()
     print(json.dumps(result["t0_cache"], indent=2))
     result["batching_headroom"] = batching_headroom()
     print(json.dumps(result["batching_headroom"], indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+    _write(result, args.out)
+
+
+def _write(result: dict, out: Path | None) -> None:
+    if out:
+        out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -115,8 +115,9 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     log(f"MLflow: {added} trial runs added, {len(trials) - added} already there")
     summary: dict[str, Any] = {}
     best = next(iter(rank(entries)), None)
-    if trials:
-        frame = pd.DataFrame([{"trial_id": t.trial_id, **t.config, **t.metrics} for t in trials])
+    scored = [t for t in trials if t.full_fidelity]  # the plots and importances compare final scores only
+    if scored:
+        frame = pd.DataFrame([{"trial_id": t.trial_id, **t.config, **t.metrics} for t in scored])
         summary = log_search_summary(tracker, frame, _baselines(run_dir), run_dir / "summary",
                                      best={**best.metrics, **best.params} if best else None)
     if best is None:

@@ -124,7 +124,7 @@ def test_asha_rebuilds_its_rungs_from_the_finished_trials(asha_run):
         assert sizes[milestone] == sum(1 for t in trials if any(images >= milestone for images, _ in t.curve))
 
 
-def test_resume_after_sigkill_under_asha_loses_no_finished_trial(cluster, workdir):  # noqa: F811
+def test_resume_after_sigkill_under_asha_loses_no_finished_trial(cluster, workdir, capsys):  # noqa: F811
     path = write_job(workdir, "asha-resume", num_samples=10, images=300, timesteps=4, points='["default"]',
                      search_extra=ASHA)
     job = load_job(path)
@@ -146,7 +146,10 @@ def test_resume_after_sigkill_under_asha_loses_no_finished_trial(cluster, workdi
     job.resume = True
     from pctune.search.driver import run_search
 
+    capsys.readouterr()
     run_search(job)
+    # the rung decisions go on from the rungs of the trials that had finished, rebuilt from their curves
+    assert f"[joint] ASHA rungs rebuilt from the {len(before)} trials that had finished" in capsys.readouterr().out
     after = {t.trial_id: t for t in run_dir.trials("joint")}
     assert sum(t.finished for t in after.values()) == 10
     for trial_id, trial in before.items():  # every trial finished before the kill: kept, never run again

@@ -80,7 +80,9 @@ class FidelityASHA(AsyncHyperBandScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self.seeded:
             self.seeded = True
-            self.seed_rungs()
+            if rebuilt := self.seed_rungs():
+                print(f"[{Path(self.exp_dir).name}] ASHA rungs rebuilt from the {rebuilt} trials that had finished",
+                      flush=True)
         super().on_trial_add(tune_controller, trial)
 
     def seed_rungs(self) -> int:
