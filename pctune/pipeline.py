@@ -19,7 +19,7 @@ import pandas as pd
 from pctune.errors import Interrupted, PctuneError
 from pctune.search.job import Job
 from pctune.search.prepare import load_job_model
-from pctune.search.rundir import PROMOTION, Entry, RunDir, rank
+from pctune.search.rundir import PROMOTION, Entry, RunDir, front_members, rank
 from pctune.tracking.runs import SearchTracker
 from pctune.tracking.store import check_reachable, resolve_tracking_uri, ui_command
 from pctune.utils import first_line
@@ -114,19 +114,41 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     added = tracker.log_missing((t.trial_id, t.config, t.metrics, t.curve) for t in trials)
     log(f"MLflow: {added} trial runs added, {len(trials) - added} already there")
     summary: dict[str, Any] = {}
-    best = next(iter(rank(entries)), None)
+    best = next(iter(rank(entries, run_dir.front())), None)
     scored = [t for t in trials if t.full_fidelity]  # the plots and importances compare final scores only
     if scored:
         frame = pd.DataFrame([{"trial_id": t.trial_id, **t.config, **t.metrics} for t in scored])
         summary = log_search_summary(tracker, frame, _baselines(run_dir), run_dir / "summary",
                                      best={**best.metrics, **best.params} if best else None)
+    robust = job.objective.robust(job.source)
+    if robust is not None and len(robust.conditions) > 1:
+        _log_tradeoff(tracker, entries, robust, run_dir, best)
     if best is None:
-        log("MLflow: no champion registered: no configuration finished without diverging")
+        log("MLflow: no champion registered: no configuration finished without diverging"
+            + (" and meeting every constraint" if robust and robust.constraints else ""))
     else:
         register(job, tracker, best, log)
     tracker.finish()
     return {"added": added, "trials": len(trials), "parent_run_id": tracker.parent_id,
             "experiment_id": tracker.experiment_id, **summary}
+
+
+def _log_tradeoff(tracker: SearchTracker, entries: list[Entry], robust, run_dir: RunDir, best: Entry | None) -> None:
+    """The trade-off of a robust search on the parent run: mean CE under the first two objectives
+    (the Pareto ones, else the first two conditions), its front, the references."""
+    from pctune.tracking.tradeoff import log_tradeoff
+
+    names = robust.pareto[:2] if robust.pareto else [c.name for c in robust.conditions[:2]]
+    axes = (f"mean_ce_{names[0]}", f"mean_ce_{names[1]}")
+    on_front = front_members(entries, axes)  # among the finished configurations meeting the constraints
+    shown = [e for e in entries if e.full_fidelity and not e.diverged and axes[0] in e.metrics]
+    points = pd.DataFrame([{"kind": e.kind, "name": e.name, "x": float(e.metrics[axes[0]]),
+                            "y": float(e.metrics[axes[1]]), "feasible": e.feasible, "front": id(e) in on_front}
+                           for e in shown])
+    champion = {"rule": robust.champion_rule()}
+    if best is not None and robust.constraints:
+        champion["feasible"] = str(best.feasible)
+    log_tradeoff(tracker, points, axes, run_dir / "summary", champion)
 
 
 def _baselines(run_dir: RunDir) -> dict[str, dict]:
@@ -154,6 +176,9 @@ def register(job: Job, tracker: SearchTracker, best: Entry, log: Log) -> None:
                                 pretrained=job.model.pretrained, backbone_weights=backbone,
                                 backbone=job.model.backbone)
     tracker.client.set_tag(tracker.parent_id, "pctune.champion_trial", best.key)
+    robust = job.objective.robust(job.source)
+    if robust is not None:  # which rule chose this version
+        tracker.client.set_model_version_tag(job.name, version, "pctune.champion_rule", robust.champion_rule())
     log(f"MLflow: registered model {job.name!r} version {version} as @champion ({best.kind} {best.key}, "
         f"mean_ce {best.mean_ce:.4f})")
 

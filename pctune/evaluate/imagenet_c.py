@@ -207,7 +207,7 @@ class _ShardImages(torch.utils.data.Dataset):
                 if self.generated:
                     img = self.prepare(img)
                     if self.shard.corruption != "clean":
-                        img = _corrupt(img, self.shard, self.seed, i)
+                        img = corrupt_image(img, self.shard, self.seed, i)
                 elif img.size != (self.size, self.size):
                     img = transforms.CenterCrop(self.size)(img)
                 if self.channels == 1:
@@ -220,7 +220,7 @@ class _ShardImages(torch.utils.data.Dataset):
 MIN_CORRUPT_SIZE = 32  # imagecorruptions refuses smaller images
 
 
-def _corrupt(img: Image.Image, shard: CShard, seed: int, index: int) -> Image.Image:
+def corrupt_image(img: Image.Image, shard: CShard, seed: int, index: int) -> Image.Image:
     """The seeded corruption of one image; images under 32 px are corrupted at 32 px and resized back."""
     from imagecorruptions import corrupt
 

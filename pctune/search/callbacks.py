@@ -51,7 +51,8 @@ class EarlyStops(tune.Callback):
 
 class Progress(tune.Callback):
     """One line per finished trial: its score (or where the scheduler stopped it) and the best final
-    score so far."""
+    score so far (among the configurations that meet a robust objective's constraints; a trial that
+    breaks one says so)."""
 
     def __init__(self, stage: str, total: int) -> None:
         self.stage, self.total, self.best = stage, total, math.inf
@@ -60,7 +61,8 @@ class Progress(tune.Callback):
         result = trial.last_result or {}
         value = result.get(METRIC, math.nan)
         others = [t.last_result for t in trials if t is not trial and t.status == "TERMINATED" and t.last_result]
-        finals = [r[METRIC] for r in [*others, result] if METRIC in r and is_final(r) and not r.get("diverged")]
+        finals = [r[METRIC] for r in [*others, result] if METRIC in r and is_final(r) and not r.get("diverged")
+                  and r.get("feasible", 1.0)]
         self.best = min([self.best, *finals])  # restored trials count too
         done = 1 + len(others)
         if not is_final(result):
@@ -68,7 +70,7 @@ class Progress(tune.Callback):
                   f"{int(result.get('total_images', 0))} images  mean_ce {value:.4f}  best {self.best:.4f}", flush=True)
             return
         last_t = max((int(k[len("accuracy_t"):]) for k in result if k.startswith("accuracy_t")), default=0)
-        flag = "  DIVERGED" if result.get("diverged") else ""
+        flag = "  DIVERGED" if result.get("diverged") else "  INFEASIBLE" if not result.get("feasible", 1.0) else ""
         print(f"[{self.stage}] trial {done}/{self.total}  mean_ce {value:.4f}  "
               f"acc_t{last_t} {result.get(f'accuracy_t{last_t}', math.nan):.3f}  best {self.best:.4f}  "
               f"({result.get('eval_seconds', math.nan):.2f}s){flag}", flush=True)

@@ -97,13 +97,16 @@ def trial_setup(prep: Prepared) -> TrialPayload:
 
     state = state_arrays(prep.net)
     data = {"images": prep.images, "labels": prep.labels}
+    if prep.conditions:  # a robust objective: every condition's images (the first's are `images`)
+        data = {"labels": prep.labels, **{f"images/{name}": images for name, images in prep.conditions.items()}}
     search = prep.job.search
     return TrialPayload(spec=prep.spec, model_key=digest_arrays(state), model_ref=ray.put(state),
                       data_key=digest_arrays(data), data_ref=ray.put(data),
                       timesteps=prep.job.objective.timesteps, batch_size=prep.job.objective.batch_size,
                       penalty=prep.penalty, checkpoint=search.scheduler == "hyperband", cache_gb=search.cache_gb,
                       report_at=tuple(report_points(len(prep.labels), search.scheduler, search.grace_images,
-                                                    search.reduction_factor)))
+                                                    search.reduction_factor)),
+                      robust=prep.job.objective.robust(prep.job.source))
 
 
 def evaluate_points(setup: TrialPayload, points: dict[str, Hyperparameters], resources: dict) -> dict[str, dict]:
@@ -221,10 +224,16 @@ def _tuner(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpace, 
 
 def make_searcher(job: Job, space: SearchSpace, points: list[StartingPoint]):
     """Ray Tune's OptunaSearch over ``space`` with the job's seeded sampler, the starting points first
-    (trials stopped early reach the study as PRUNED: :class:`FidelityOptunaSearch`)."""
+    (trials stopped early reach the study as PRUNED: :class:`FidelityOptunaSearch`). A robust objective's
+    constraints reach the sampler's ``constraints_func``; a Pareto search has one objective per condition."""
+    robust = job.objective.robust(job.source)
     sampler = make_sampler(job.search.sampler, job.search.seed, job.search.max_concurrent_trials, job.source)
-    return FidelityOptunaSearch(space=SpaceSampler(space), metric=METRIC, mode=MODE, sampler=sampler,
-                                points_to_evaluate=[p.coords for p in points] or None)
+    objectives = robust.objectives if robust else [METRIC]
+    metric, mode = (objectives, [MODE] * len(objectives)) if len(objectives) > 1 else (METRIC, MODE)
+    searcher = FidelityOptunaSearch(space=SpaceSampler(space), metric=metric, mode=mode, sampler=sampler,
+                                    points_to_evaluate=[p.coords for p in points] or None)
+    searcher.constraint_keys = tuple(robust.constraint_keys if robust else ())
+    return searcher
 
 
 def _trainable(job: Job, setup: TrialPayload):

@@ -28,8 +28,9 @@ from pctune.evaluate.settings import (
 )
 from pctune.models.spec import read_toml
 from pctune.schema import at_least, convert, error, no_unknown, read_table
+from pctune.search.conditions import RobustObjective, read_robust
 from pctune.search.locate import REPO_ROOT, resolve_job_path, resolve_space_path  # noqa: F401 (re-exported)
-from pctune.search.samplers import SAMPLERS
+from pctune.search.samplers import CONSTRAINED, MULTI_OBJECTIVE, SAMPLERS
 from pctune.search.schedulers import SCHEDULERS
 
 STRATEGIES = ("joint", "per-pcoder")
@@ -71,6 +72,16 @@ class ObjectiveConfig:
     batch_size: int = 100
     noise_seed: int | None = None  # default: data.seed
     divergence_penalty: float | None = None  # default: 10 * ln(number of classes)
+    # Robust objectives (pctune.search.conditions): several perturbations of the same images, combined.
+    # Without conditions: the paper's objective (sigma, timesteps above), exactly as before.
+    conditions: list[Any] = field(default_factory=list)  # [[objective.conditions]] tables
+    combine: str = "aggregate"  # "aggregate" | "constraints" | "pareto"
+    constraints: list[Any] = field(default_factory=list)  # [[objective.constraints]] tables
+    pareto: list[str] = field(default_factory=list)  # combine = "pareto": 2 or 3 condition names
+
+    def robust(self, source: str = "<job>") -> RobustObjective | None:
+        """The parsed conditions (None: the paper's single condition)."""
+        return read_robust(self.conditions, self.combine, self.constraints, self.pareto, self.timesteps, source)
 
 
 @dataclass
@@ -242,7 +253,26 @@ def job_from_mapping(data: Mapping[str, Any], source: str = "<job>", name: str =
     if job.data.source == "imagenet-val" and not job.data.path:
         raise PctuneError(f"{source}: data.path: the ImageNet validation folder is required "
                           "(or pass --data PATH)")
+    _check_robust_search(job, source)
     return job
+
+
+def _check_robust_search(job: Job, source: str) -> None:
+    """What a robust objective asks of the search: Pareto needs every trial scored on every image
+    (schedulers rank one metric) and a sampler that handles several objectives; constraints need a
+    sampler that takes them; HyperBand's checkpoints hold one condition's running sums."""
+    robust = job.objective.robust(source)
+    if robust is None:
+        return
+    search = job.search
+    if search.scheduler == "hyperband":
+        raise error(source, "search.scheduler", "'hyperband' works with a single condition; use 'asha' or 'fifo'")
+    if robust.combine == "pareto" and search.scheduler != "fifo":
+        raise error(source, "search.scheduler", "combine = 'pareto' needs 'fifo' (early stopping ranks one metric)")
+    if robust.combine == "pareto" and search.sampler not in MULTI_OBJECTIVE:
+        raise error(source, "search.sampler", f"combine = 'pareto' needs one of {', '.join(MULTI_OBJECTIVE)}")
+    if robust.constraints and search.sampler not in CONSTRAINED:
+        raise error(source, "search.sampler", f"constraints need one of {', '.join(CONSTRAINED)}")
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -282,6 +312,7 @@ def _objective(table: Any, source: str) -> ObjectiveConfig:
     at_least(cfg.sigma, 0, source, "objective.sigma")
     at_least(cfg.timesteps, 1, source, "objective.timesteps", " (the score averages t = 1..T)")
     at_least(cfg.batch_size, 1, source, "objective.batch_size")
+    cfg.robust(source)  # checks the conditions, the combination and the constraints
     return cfg
 
 

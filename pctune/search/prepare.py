@@ -47,6 +47,9 @@ class Prepared:
     labels: np.ndarray
     penalty: float
     unreadable: list[str] = field(default_factory=list)  # images skipped because they cannot be decoded
+    # a robust objective (objective.conditions): condition name -> its images, in the order of `labels`;
+    # `images` is then the first condition's
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_job_model(job: Job, log: Log = _print) -> tuple[ModelSpec, PredictiveNet]:
@@ -80,6 +83,13 @@ def noisy_images(job: Job, spec: ModelSpec, unreadable: list[str] | None = None)
 
     from pctune.data.noise import add_gaussian_noise
 
+    images, labels = _checked_subset(job, spec, unreadable)
+    seed = job.objective.noise_seed if job.objective.noise_seed is not None else job.data.seed
+    noisy = add_gaussian_noise(images.float(), job.objective.sigma, seed)
+    return noisy.contiguous().numpy(), labels.to(torch.int64).numpy()
+
+
+def _checked_subset(job: Job, spec: ModelSpec, unreadable: list[str] | None):
     data = job.data
     try:
         images, labels = _clean_subset(job, spec, unreadable if data.unreadable == "skip" else None)
@@ -89,9 +99,33 @@ def noisy_images(job: Job, spec: ModelSpec, unreadable: list[str] | None = None)
     if images.shape[1] != spec.input_size[0]:
         raise PctuneError(f"{job.source}: data: images have {images.shape[1]} channels but {spec.name} expects "
                           f"{spec.input_size[0]}")
-    seed = job.objective.noise_seed if job.objective.noise_seed is not None else data.seed
-    noisy = add_gaussian_noise(images.float(), job.objective.sigma, seed)
-    return noisy.contiguous().numpy(), labels.to(torch.int64).numpy()
+    return images, labels
+
+
+def condition_images(job: Job, spec: ModelSpec, unreadable: list[str] | None = None
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every condition of the job's robust objective applied to the same fixed clean subset (noise
+    drawn from the noise seed, corruptions seeded per image), as numpy arrays."""
+    from pctune.search.conditions import condition_images as perturb
+
+    clean, labels = _checked_subset(job, spec, unreadable)
+    mean, std = _normalization(job)
+    seed = job.objective.noise_seed if job.objective.noise_seed is not None else job.data.seed
+    sets = {c.name: perturb(c, clean.float(), mean, std, seed).contiguous().numpy()
+            for c in job.objective.robust(job.source).conditions}
+    return sets, labels.to(torch.int64).numpy()
+
+
+def _normalization(job: Job) -> tuple[list[float], list[float]]:
+    """The (mean, std) the search's images were normalized with (to go back to pixels)."""
+    if job.data.source == "digits":
+        from pctune.data.demo import digits_normalization
+
+        mean, std = digits_normalization()
+        return [mean], [std]
+    from pctune.data.folders import IMAGENET_MEAN, IMAGENET_STD
+
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 
 def _clean_subset(job: Job, spec: ModelSpec, unreadable: list[str] | None):
@@ -183,8 +217,15 @@ def prepare(job: Job, log: Log = _print) -> Prepared:
                               f"({space_path})")
     num_classes = check_classes(job, net)
     unreadable: list[str] = []
-    images, labels = evaluation_order(*noisy_images(job, spec, unreadable), job.data.seed)
+    conditions = {}
+    if job.objective.robust(job.source):
+        sets, clean_labels = condition_images(job, spec, unreadable)
+        for name, condition in sets.items():  # one seeded order: the same for every condition
+            conditions[name], labels = evaluation_order(condition, clean_labels, job.data.seed)
+        images = next(iter(conditions.values()))
+    else:
+        images, labels = evaluation_order(*noisy_images(job, spec, unreadable), job.data.seed)
     if unreadable:
         log(f"warning: {len(unreadable)} unreadable images skipped (listed in job.json), e.g. {unreadable[0]}")
     penalty = job.objective.divergence_penalty or default_penalty(num_classes)
-    return Prepared(job, spec, net, space, points, images, labels, penalty, unreadable)
+    return Prepared(job, spec, net, space, points, images, labels, penalty, unreadable, conditions)

@@ -14,7 +14,7 @@ from pctune.errors import PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.job import Job
 from pctune.search.objective import METRIC
-from pctune.search.rundir import BEST, LEADERBOARD, Entry, RunDir, load_trials, rank
+from pctune.search.rundir import BEST, LEADERBOARD, Entry, RunDir, front_members, load_trials, rank
 
 __all__ = ["best_toml", "leaderboard", "load_trials", "row_hparams", "summary_table", "write_results"]
 
@@ -26,6 +26,10 @@ def _row(entry: Entry, timesteps: int) -> dict[str, Any]:
            f"acc_t{timesteps}": metrics.get(f"accuracy_t{timesteps}", math.nan),
            "ce_t0": metrics.get("ce_t0", math.nan), "diverged": entry.diverged,
            "num_images": int(metrics.get("num_images", 0)), "stopped_early": not entry.full_fidelity}
+    # a robust objective: each condition's mean CE, and whether the constraints hold
+    row.update({k: float(v) for k, v in metrics.items() if k.startswith("mean_ce_")})
+    if "feasible" in metrics:
+        row["feasible"] = bool(metrics["feasible"])
     row.update(entry.params)
     if entry.trial_id is not None:
         row["trial_id"] = entry.trial_id
@@ -39,13 +43,18 @@ def leaderboard(job: Job) -> pd.DataFrame:
     diverged points and trials stopped early, which never win)."""
     run_dir = RunDir(job.run_dir)
     run_dir.require_search(job.name)
-    return _leaderboard(run_dir.entries(), run_dir.timesteps)
+    return _leaderboard(run_dir.entries(), run_dir.timesteps, run_dir.front())
 
 
-def _leaderboard(entries: list[Entry], timesteps: int) -> pd.DataFrame:
-    ranked = {id(e): i for i, e in enumerate(rank(entries), start=1)}
-    by_score = sorted(entries, key=lambda e: (not e.full_fidelity, e.mean_ce if math.isfinite(e.mean_ce) else math.inf))
-    rows = [{"rank": ranked.get(id(e)), **_row(e, timesteps)} for e in by_score]
+def _leaderboard(entries: list[Entry], timesteps: int, front: list[str] | None = None) -> pd.DataFrame:
+    """Entries by score (a Pareto search: its ranking first, the front marked), stopped ones last."""
+    ranking = rank(entries, front or ())
+    ranked = {id(e): i for i, e in enumerate(ranking, start=1)}
+    order = sorted(entries, key=lambda e: (not e.full_fidelity, ranked.get(id(e), math.inf) if front else 0,
+                                           e.mean_ce if math.isfinite(e.mean_ce) else math.inf))
+    on_front = front_members(entries, front or ())
+    rows = [{"rank": ranked.get(id(e)), **_row(e, timesteps), **({"pareto_front": id(e) in on_front} if front else {})}
+            for e in order]
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
@@ -59,9 +68,12 @@ def row_hparams(row: pd.Series) -> Hyperparameters:
 
 
 def best_toml(job: Job, best: Entry, model: str) -> str:
+    robust = job.objective.robust(job.source)
+    scored = (f"chosen by the rule: {robust.champion_rule()}" if robust else
+              "mean cross-entropy over t = 1..T on the noisy subset; lower is better")
     header = [f"# Best hyperparameters of search job {job.name!r} ({best.kind} {best.name}):",
-              f"# mean_ce = {best.mean_ce:.6g} (mean cross-entropy over t = 1..T on the noisy subset; lower is "
-              "better).", "# Load with Hyperparameters.from_mapping(tomllib.load(f)).",
+              f"# mean_ce = {best.mean_ce:.6g} ({scored}).",
+              "# Load with Hyperparameters.from_mapping(tomllib.load(f)).",
               f'model = "{model}"', ""]
     return "\n".join(header) + best.hparams.to_toml()
 
@@ -88,7 +100,8 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
     record = run_dir.job_record()
     timesteps = int(record["job"]["objective"]["timesteps"])
     entries = run_dir.entries()  # read once: the leaderboard and the best come from the same entries
-    frame = _leaderboard(entries, timesteps)
+    front = run_dir.front()
+    frame = _leaderboard(entries, timesteps, front)
     if frame.empty:
         raise PctuneError(f"{run_dir.path}: no finished trials yet")
     frame.to_csv(run_dir / LEADERBOARD, index=False)
@@ -100,13 +113,17 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
             f"top {len(shown)}):")
         log(shown.drop(columns=["trial_id"], errors="ignore").to_string(index=False))
         summary = summary_table(frame, timesteps)
-        log("\nsummary (noisy images, sigma = {}, T = {}):".format(record["job"]["objective"]["sigma"], timesteps))
+        objective = record["job"]["objective"]
+        condition = (f"condition {objective['conditions'][0]['name']!r}" if objective.get("conditions")
+                     else f"noisy images, sigma = {objective['sigma']}")
+        log(f"\nsummary ({condition}, T = {timesteps}):")
         log(summary.to_string(index=False))
     out = {"run_dir": str(run_dir.path), "leaderboard": str(run_dir / LEADERBOARD), "trials": trials,
            "summary": summary.to_dict("records")}
-    best = next(iter(rank(entries)), None)
+    best = next(iter(rank(entries, front)), None)
     if best is None:
-        log("\nno configuration to recommend: every finished trial diverged or was stopped early")
+        log("\nno configuration to recommend: every finished trial diverged, was stopped early or broke a "
+            "constraint")
     else:
         run_dir.write_text(BEST, best_toml(job, best, record["model"]))
         log("\nbest configuration:")

@@ -24,12 +24,14 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pctune.errors import PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
+from pctune.search.conditions import pareto_front
 from pctune.search.objective import METRIC
 from pctune.utils import atomic_write_json, atomic_write_text
 
@@ -86,6 +88,11 @@ class Entry:
     @property
     def diverged(self) -> bool:
         return bool(self.metrics.get("diverged", 0))
+
+    @property
+    def feasible(self) -> bool:
+        """Meets the robust objective's constraints (true where there are none)."""
+        return bool(self.metrics.get("feasible", 1.0))
 
     @property
     def full_fidelity(self) -> bool:
@@ -284,16 +291,39 @@ class RunDir:
     def ranking(self, stage: str | None = None) -> list[Entry]:
         """THE ranking (:func:`rank`) of this run directory's entries; with ``stage``, of the trials of
         that Tune experiment only (a per-pcoder stage's winner)."""
-        return rank(self.entries(stage))
+        return rank(self.entries(stage), self.front())
+
+    def front(self) -> list[str]:
+        """The objectives of a Pareto search (``mean_ce_<condition>``), else none."""
+        objective = self.job_record().get("job", {}).get("objective", {})
+        if objective.get("combine") != "pareto":
+            return []
+        return [f"mean_ce_{name}" for name in objective.get("pareto", [])]
 
     def best(self, stage: str | None = None) -> Entry | None:
         return next(iter(self.ranking(stage)), None)
 
 
-def rank(entries: list[Entry]) -> list[Entry]:
+def rank(entries: list[Entry], front: Sequence[str] = ()) -> list[Entry]:
     """THE ranking: the searched configurations among ``entries`` (trials and the per-pcoder
     combination; never a reference, never a diverged point, never a trial stopped before its last
-    image), best score first; ties keep their order."""
+    image, never one that breaks the objective's constraints), best score first; ties keep their order.
+    With ``front`` (a Pareto search's objectives), the Pareto front of the ranked ones comes first, by
+    the first objective, then the others by the first objective."""
     found = [e for e in entries if e.kind != "reference" and not e.diverged and e.full_fidelity
-             and math.isfinite(e.mean_ce)]
-    return sorted(found, key=lambda e: e.mean_ce)
+             and math.isfinite(e.mean_ce) and e.feasible]
+    if not front:
+        return sorted(found, key=lambda e: e.mean_ce)
+    on_front = pareto_front([[float(e.metrics.get(m, math.nan)) for m in front] for e in found])
+    first = front[0]
+    return [e for _, e in sorted(zip(on_front, found, strict=True),
+                                 key=lambda pair: (not pair[0], float(pair[1].metrics.get(first, math.inf))))]
+
+
+def front_members(entries: list[Entry], front: Sequence[str]) -> set[int]:
+    """``id()`` of the ranked entries on the Pareto front of ``front`` (empty without ``front``)."""
+    if not front:
+        return set()
+    found = rank(entries, front)
+    on_front = pareto_front([[float(e.metrics.get(m, math.nan)) for m in front] for e in found])
+    return {id(e) for e, on in zip(found, on_front, strict=True) if on}

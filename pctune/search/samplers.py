@@ -42,13 +42,24 @@ def _random(seed: int, concurrent: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def _nsga2(seed: int, concurrent: int):
+    import optuna
+
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
 #: sampler name -> what it is and how to make it; in the order the documentation and errors list them
 SAMPLERS: dict[str, SamplerKind] = {
     "tpe": SamplerKind("multivariate tree-structured Parzen estimator (constant liar when trials run at once)", _tpe),
     "cmaes": SamplerKind("CMA evolution strategy (needs the cmaes package)", _cmaes),
     "gp": SamplerKind("Gaussian-process Bayesian optimization", _gp),
     "random": SamplerKind("independent uniform sampling", _random),
+    "nsga2": SamplerKind("NSGA-II genetic algorithm (for Pareto searches)", _nsga2),
 }
+#: samplers that learn from constraint values (Optuna's Trial.set_constraint) / that search several
+#: objectives at once (objective.combine = "constraints" / "pareto")
+CONSTRAINED = ("tpe", "gp", "nsga2")
+MULTI_OBJECTIVE = ("tpe", "nsga2")
 
 
 def make_sampler(name: str, seed: int, concurrent: int, source: str = "<job>"):

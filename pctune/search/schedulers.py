@@ -98,7 +98,6 @@ class FidelityASHA(AsyncHyperBandScheduler):
         return {milestone: len(recorded) for milestone, recorded in self._brackets[0]._rungs}
 
 
-
 class FidelityHyperBand(HyperBandForBOHB):
     """HyperBand over images seen, in units of ``grace`` images (so that its brackets' budgets are the
     report points)."""
@@ -129,11 +128,20 @@ class FidelityOptunaSearch(OptunaSearch):
     their last value. HyperBand pauses trials; pausing needs nothing from this searcher.
     """
 
+    #: result keys of a robust objective's constraint values (<= 0: met), set on the Optuna trial before
+    #: it is told (``Trial.set_constraint``): TPE, GP and NSGA-II rank infeasible trials below feasible ones
+    constraint_keys: tuple[str, ...] = ()
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list):  # Optuna takes no intermediate values with several objectives
+            return
         if trial_id in self._ot_trials and trial_id not in self._completed_trials and METRIC in result:
             self._ot_trials[trial_id].report(result[METRIC], int(result.get(FIDELITY, 0)))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and self.constraint_keys and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            for key in self.constraint_keys:
+                self._ot_trials[trial_id].set_constraint(key, float(result.get(key, 1.0)))
         if (result and not error and not result.get("final", 1.0) and trial_id in self._ot_trials
                 and trial_id not in self._completed_trials):
             import optuna

@@ -21,7 +21,7 @@ GIB = 1024 ** 3
 
 
 class TimestepZeroCache:
-    """One worker's timestep-0 results, keyed by (search key, first image, batch length)."""
+    """One worker's timestep-0 results of one search, keyed by (image set, first image, batch length)."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple, object] = {}
@@ -32,11 +32,12 @@ class TimestepZeroCache:
         self.entries.clear()
         self.used = {"device": 0, "host": 0}
 
-    def starts(self, net: PredictiveNet, prefix: tuple, budget_gb: float, counter: dict[str, int]
-               ) -> Callable[[int, Tensor], object]:
+    def starts(self, net: PredictiveNet, prefix: tuple, budget_gb: float, counter: dict[str, int],
+               images: str = "images") -> Callable[[int, Tensor], object]:
         """The ``starts(index, x)`` function of :func:`pctune.search.objective.score_chunks` for the
-        search ``prefix`` (model, images, device): a cached timestep 0, else a fresh one, kept if the
-        budget allows. ``counter["cached"]`` counts the images served from the cache."""
+        search ``prefix`` (model, data, device) and its image set ``images`` (a robust objective's
+        condition): a cached timestep 0, else a fresh one, kept if the budget allows.
+        ``counter["cached"]`` counts the images served from the cache."""
         if prefix != self.prefix:  # another search's model or images: start over
             self.clear()
             self.prefix = prefix
@@ -44,7 +45,7 @@ class TimestepZeroCache:
         device = next(net.parameters()).device
 
         def start(index: int, x: Tensor) -> object:
-            key = (index, len(x))
+            key = (images, index, len(x))
             hit = self.entries.get(key)
             if hit is not None:
                 counter["cached"] += len(x)

@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from pctune.models.registry import output_classes
 from pctune.models.spec import ModelSpec
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
-from pctune.search.objective import RunningSums, score_chunks
+from pctune.search.conditions import RobustObjective, lockstep
+from pctune.search.objective import RunningSums, default_penalty, score_chunks
 from pctune.search.space import hparams_from_config
 from pctune.search.t0cache import CACHE
 
 _MODELS: OrderedDict[tuple, PredictiveNet] = OrderedDict()
-_DATA: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_DATA: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 _CACHE_SIZE = 2  # a worker reused across searches keeps at most this many models / image sets
 STATS = {"model_loads": 0, "data_loads": 0}
 
@@ -49,6 +51,7 @@ class TrialPayload:
     report_at: tuple[int, ...] = ()  # images seen at which a trial reports (pctune.search.schedulers)
     checkpoint: bool = False  # save the running sums with every report (a paused trial resumes from them)
     cache_gb: float = 0.0  # per worker: timestep-0 results kept for later trials (pctune.search.t0cache)
+    robust: RobustObjective | None = None  # several conditions (data_ref then holds "images/<name>")
     # On resume: results of trials that finished just before the driver died but that the saved
     # experiment state still lists as running. Tune reruns those; they replay their result instead.
     replay: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -100,8 +103,9 @@ def _set_threads() -> None:
         torch.set_num_threads(max(1, int(cpus)))
 
 
-def materialize(setup: TrialPayload, device: torch.device) -> tuple[PredictiveNet, torch.Tensor, torch.Tensor]:
-    """The cached model and images of ``setup`` on ``device`` (fetched and built on a cache miss)."""
+def materialize(setup: TrialPayload, device: torch.device) -> tuple[PredictiveNet, dict[str, torch.Tensor]]:
+    """The cached model and image arrays (``labels``, ``images`` or ``images/<condition>``) of ``setup``
+    on ``device`` (fetched and built on a cache miss)."""
     import ray
 
     model_key = (setup.model_key, str(device))
@@ -113,13 +117,12 @@ def materialize(setup: TrialPayload, device: torch.device) -> tuple[PredictiveNe
     data_key = (setup.data_key, str(device))
     if data_key not in _DATA:
         data = ray.get(setup.data_ref)
-        _DATA[data_key] = (torch.from_numpy(np.array(data["images"])).to(device),
-                           torch.from_numpy(np.array(data["labels"])).to(device))
+        _DATA[data_key] = {name: torch.from_numpy(np.array(array)).to(device) for name, array in data.items()}
         STATS["data_loads"] += 1
         _trim(_DATA)
     _MODELS.move_to_end(model_key)
     _DATA.move_to_end(data_key)
-    return _MODELS[model_key], *_DATA[data_key]
+    return _MODELS[model_key], _DATA[data_key]
 
 
 def _trim(cache: OrderedDict) -> None:
@@ -133,14 +136,26 @@ def evaluate_chunks(setup: TrialPayload, hparams: Hyperparameters,
     metrics at every report point of ``setup`` (the last one final)."""
     _set_threads()
     device = trial_device()
-    net, images, labels = materialize(setup, device)
+    net, data = materialize(setup, device)
     counter = {"cached": 0}
-    starts = None
-    if setup.cache_gb > 0:
-        starts = CACHE.starts(net, (setup.model_key, setup.data_key, str(device)), setup.cache_gb, counter)
-    for metrics in score_chunks(net, images, labels, hparams.for_pcoders(net.num_pcoders),
-                                timesteps=setup.timesteps, batch_size=setup.batch_size, report_at=setup.report_at,
-                                penalty=setup.penalty, starts=starts, sums=sums):
+    hparams = hparams.for_pcoders(net.num_pcoders)
+
+    def stream(images_key: str, timesteps: int, sums_: RunningSums | None = None):
+        starts = None
+        if setup.cache_gb > 0:
+            starts = CACHE.starts(net, (setup.model_key, setup.data_key, str(device)), setup.cache_gb, counter,
+                                  images=images_key)
+        return score_chunks(net, data[images_key], data["labels"], hparams, timesteps=timesteps,
+                            batch_size=setup.batch_size, report_at=setup.report_at, penalty=setup.penalty,
+                            starts=starts, sums=sums_)
+
+    if setup.robust is None:
+        results = stream("images", setup.timesteps, sums)
+    else:
+        penalty = setup.penalty if setup.penalty is not None else default_penalty(output_classes(net))
+        results = lockstep(setup.robust, {c.name: stream(f"images/{c.name}", c.timesteps)
+                                          for c in setup.robust.conditions}, penalty)
+    for metrics in results:
         metrics["model_loads"] = float(STATS["model_loads"])
         metrics["gpu"] = float(device.type == "cuda")
         metrics["t0_cached"] = float(counter["cached"])  # images whose timestep 0 came from the cache
