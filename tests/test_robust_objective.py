@@ -208,6 +208,14 @@ def test_a_constrained_search_never_registers_an_infeasible_champion(cluster, wo
                                 filter_string=f"tags.`mlflow.runName` = 'search-{job.name}'")[0]
     tags = parent.data.tags
     assert tags["pctune.champion_rule"].startswith("lowest mean_ce")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    for child in children:  # every condition's metrics on every trial's run
+        trial = next(t for t in trials if t.trial_id == child.data.tags["pctune.trial_id"])
+        assert child.data.tags["pctune.feasible"] == ("true" if feasible[trial.trial_id] else "false")
+        for name, horizon in (("noise", 2), ("clean", 3), ("fog", 2)):
+            assert child.data.metrics[f"mean_ce_{name}"] == pytest.approx(trial.metrics[f"mean_ce_{name}"])
+            history = client.get_metric_history(child.info.run_id, f"accuracy_{name}")
+            assert sorted(m.step for m in history) == list(range(horizon + 1))
     best = run_dir.best()
     if best is None:  # nothing feasible: nothing registered
         assert "pctune.champion_trial" not in tags

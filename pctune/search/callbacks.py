@@ -65,14 +65,15 @@ class Progress(tune.Callback):
                   and r.get("feasible", 1.0)]
         self.best = min([self.best, *finals])  # restored trials count too
         done = 1 + len(others)
+        best = f"{self.best:.4f}" if math.isfinite(self.best) else "-"
         if not is_final(result):
             print(f"[{self.stage}] trial {done}/{self.total}  stopped at {int(result.get('num_images', 0))}/"
-                  f"{int(result.get('total_images', 0))} images  mean_ce {value:.4f}  best {self.best:.4f}", flush=True)
+                  f"{int(result.get('total_images', 0))} images  mean_ce {value:.4f}  best {best}", flush=True)
             return
         last_t = max((int(k[len("accuracy_t"):]) for k in result if k.startswith("accuracy_t")), default=0)
         flag = "  DIVERGED" if result.get("diverged") else "  INFEASIBLE" if not result.get("feasible", 1.0) else ""
         print(f"[{self.stage}] trial {done}/{self.total}  mean_ce {value:.4f}  "
-              f"acc_t{last_t} {result.get(f'accuracy_t{last_t}', math.nan):.3f}  best {self.best:.4f}  "
+              f"acc_t{last_t} {result.get(f'accuracy_t{last_t}', math.nan):.3f}  best {best}  "
               f"({result.get('eval_seconds', math.nan):.2f}s){flag}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):

@@ -47,9 +47,10 @@ class Condition:
     kind: str = "noise"
     sigma: float = 0.5  # "noise": in normalized space
     # "corruption": an imagecorruptions name, e.g. "fog", or "standard": the 15 standard corruptions of
-    # ImageNet-C in turn (image i gets the (i mod 15)-th), a one-condition stand-in for mCE
+    # ImageNet-C at severities 1..5, image by image (every pair equally often): a one-condition stand-in
+    # for mCE
     corruption: str | None = None
-    severity: int = 3  # "corruption": 1..5
+    severity: int | None = None  # "corruption": 1..5 (default 3; "standard": all five unless given)
     timesteps: int | None = None  # default: objective.timesteps
     weight: float = 1.0  # in the weighted mean (aggregate, constraints)
 
@@ -152,7 +153,7 @@ def _condition(table: object, i: int, timesteps: int, source: str) -> Condition:
         known = standard_corruptions() + extra_corruptions() + [STANDARD_MIX]
         if cond.corruption not in known:
             raise error(source, f"{where}.corruption", f"unknown corruption {cond.corruption!r} ({', '.join(known)})")
-        if not 1 <= cond.severity <= 5:
+        if cond.severity is not None and not 1 <= cond.severity <= 5:
             raise error(source, f"{where}.severity", f"must be 1..5, got {cond.severity}")
     elif cond.corruption is not None:
         raise error(source, f"{where}.corruption", "only for kind = 'corruption'")
@@ -178,9 +179,11 @@ def condition_images(cond: Condition, clean: torch.Tensor, mean: Sequence[float]
     if cond.corruption == STANDARD_MIX:
         from pctune.evaluate.corruption_metrics import standard_corruptions
 
-        shards = [CShard(name, cond.severity) for name in standard_corruptions()]
+        severities = [cond.severity] if cond.severity else [1, 2, 3, 4, 5]
+        # image i: corruption i mod 15, severity (i div 15) mod 5: all 75 pairs in turn
+        shards = [CShard(name, severity) for severity in severities for name in standard_corruptions()]
     else:
-        shards = [CShard(cond.corruption, cond.severity)]
+        shards = [CShard(cond.corruption, cond.severity or 3)]
     out = []
     for i, img in enumerate(pixels):
         pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert("RGB")

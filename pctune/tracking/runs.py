@@ -33,14 +33,20 @@ TRIAL_TAG = "pctune.trial_id"
 SEARCH_TAG = "pctune.search_id"
 JOB_TAG = "pctune.job"
 COMPLETE_TAG = "pctune.complete"  # set by a child run's last write
+FEASIBLE_TAG = "pctune.feasible"
 STOPPED_TAG = "pctune.stopped_early"
-_STEP_METRIC = re.compile(r"^(ce|accuracy)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
+# ce_t3, accuracy_t3, a robust objective's ce_noise_t3 / accuracy_clean_t10, recon_error_pc2_t3
+_STEP_METRIC = re.compile(r"^((?:ce|accuracy)(?:_[a-z0-9_]+?)?)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
+# a robust objective's per-condition scores and constraint values (pctune.search.conditions)
+_ROBUST_METRIC = re.compile(r"^(mean_ce_|diverged_|constraint_)[a-z0-9_]+$|^feasible$")
 
 
 def trial_metrics(result: Mapping[str, Any], curve: Iterable[tuple[int, float]] = ()) -> list[tuple[str, float, int]]:
     """(name, value, step) for a trial's result: ``mean_ce`` at step = images seen (0 when the result
     does not say) and at each (images seen, mean_ce) point of ``curve``, and ``ce_t3`` ->
-    (``ce``, value, 3), ``accuracy_t3``, ``recon_error_pc2_t3`` -> (``recon_error_pc2``, value, 3)."""
+    (``ce``, value, 3), ``accuracy_t3``, ``recon_error_pc2_t3`` -> (``recon_error_pc2``, value, 3); a
+    robust objective's ``ce_clean_t3`` -> (``ce_clean``, value, 3), ``mean_ce_clean``,
+    ``constraint_clean_accuracy`` and ``feasible`` at step 0."""
     seen = int(result.get("num_images", 0) or 0)
     metrics = [("mean_ce", float(value), int(step)) for step, value in curve if int(step) != seen]
     for key, value in result.items():
@@ -53,7 +59,7 @@ def trial_metrics(result: Mapping[str, Any], curve: Iterable[tuple[int, float]] 
             metrics.append((name, float(value), step))
         elif key == "mean_ce":
             metrics.append((key, float(value), seen))
-        elif key in ("diverged", "num_images", "total_images"):
+        elif key in ("diverged", "num_images", "total_images") or _ROBUST_METRIC.match(key):
             metrics.append((key, float(value), 0))
     return metrics
 
@@ -141,6 +147,8 @@ class SearchTracker:
         if result.get("diverged"):
             tags["pctune.diverged"] = "true"
         tags[STOPPED_TAG] = "false" if result.get("final", 1.0) else "true"
+        if "feasible" in result:  # a robust objective with constraints
+            tags[FEASIBLE_TAG] = "true" if result["feasible"] else "false"
         run = self.client.create_run(self.experiment_id, tags=tags)
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v, step in trial_metrics(result, curve) if math.isfinite(v)]

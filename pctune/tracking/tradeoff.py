@@ -33,8 +33,9 @@ def write_tradeoff(points: pd.DataFrame, axes: tuple[str, str], out: Path) -> li
     for _, ref in points[points.kind == "reference"].iterrows():
         ax.scatter([ref.x], [ref.y], marker="*", s=120, color="black")
         ax.annotate(ref["name"], (ref.x, ref.y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    hidden = _zoom(ax, points)
     ax.set(xlabel=f"{axes[0]} (lower is better)", ylabel=f"{axes[1]} (lower is better)",
-           title="Trade-off between conditions")
+           title="Trade-off between conditions" + (f" ({hidden} far-off trials not shown)" if hidden else ""))
     ax.legend(fontsize=8)
     return [csv, save_figure(fig, out / "tradeoff.png")]
 
@@ -49,3 +50,19 @@ def log_tradeoff(tracker: SearchTracker, points: pd.DataFrame, axes: tuple[str, 
     for key, value in champion.items():
         tracker.client.set_tag(tracker.parent_id, f"pctune.champion_{key}", value)
     return paths
+
+
+def _zoom(ax, points: pd.DataFrame) -> int:
+    """Limit the axes to the region that matters (the front, the references and the better 80% of the
+    trials), so that a few failed configurations do not squash the rest; returns how many are cut off."""
+    keep = points[(points.kind == "reference") | points.front]
+    limits = {}
+    for axis in ("x", "y"):
+        high = max(points[axis].quantile(0.8), keep[axis].max() if not keep.empty else -float("inf"))
+        low = points[axis].min()
+        pad = 0.05 * (high - low or abs(high) or 1.0)
+        limits[axis] = (low - pad, high + pad)
+    ax.set_xlim(*limits["x"])
+    ax.set_ylim(*limits["y"])
+    outside = (points.x > limits["x"][1]) | (points.y > limits["y"][1])
+    return int(outside.sum())
