@@ -14,6 +14,7 @@ from pctune.evaluate.settings import (
     STAGE_SETTINGS,
     AdversarialSettings,
     AttackSpec,
+    ExplainSettings,
     ImagenetCSettings,
     NoiseSettings,
     default_attacks,
@@ -236,7 +237,7 @@ def test_an_unknown_key_in_an_attack_names_file_table_index_and_key(tmp_path):
      r"^j.toml: promotion.adversarial.attacks\[1\].epsilons: missing$"),
     ("[promotion.adversarial]\nattacks = [\"bim\"]", r"^j.toml: promotion.adversarial.attacks\[1\]: expected a table"),
     ("[promotion]\nstages = [\"noise\", \"mnist-c\"]", r"^j.toml: promotion.stages: unknown stage 'mnist-c' "
-                                                         r"\(known: imagenet-c, adversarial, noise\)$"),
+                                                         r"\(known: imagenet-c, adversarial, noise, explain\)$"),
     ("[promotion]\nsettings = {}", r"^j.toml: \[promotion\]: unknown key 'settings'"),
 ])
 def test_bad_stage_settings_give_one_line_errors(tmp_path, monkeypatch, promotion, message):
@@ -250,7 +251,7 @@ def test_bad_stage_settings_give_one_line_errors(tmp_path, monkeypatch, promotio
 def test_stage_settings_come_from_the_dataclasses(tmp_path):
     job = load_job(_job_file(tmp_path, "[promotion.noise]\n"))
     assert job.promotion.settings == {"imagenet-c": ImagenetCSettings(), "adversarial": AdversarialSettings(),
-                                      "noise": NoiseSettings()}
+                                      "noise": NoiseSettings(), "explain": ExplainSettings()}
     assert NoiseSettings() == NoiseSettings(10, [0.0, 0.25, 0.5, 0.75, 1.0], 0, None)
     assert AdversarialSettings().attacks is None and AdversarialSettings().num_images == 1000
     assert ImagenetCSettings().source == "generated" and ImagenetCSettings().severities == [1, 2, 3, 4, 5]
@@ -271,12 +272,13 @@ def test_parse_stage_settings_checks_types_and_ranges():
     assert parse_stage_settings("imagenet-c", {"source": "released", "path": "/c"}, "--set").path == "/c"
     with pytest.raises(PctuneError, match=r"^--set: \[noise\]: unknown key 'sigma' \(known: "):
         parse_stage_settings("noise", {"sigma": 1}, "--set", name="noise")
-    with pytest.raises(PctuneError, match=r"^--set: unknown stage 'mnist-c' \(known: imagenet-c, adversarial, noise\)$"):
+    with pytest.raises(PctuneError,
+                       match=r"^--set: unknown stage 'mnist-c' \(known: imagenet-c, adversarial, noise, explain\)$"):
         parse_stage_settings("mnist-c", {}, "--set")
 
 
 def test_the_stage_table_drives_the_job_and_the_command_line():
-    assert PROMOTION_STAGES == tuple(STAGE_SETTINGS) == ("imagenet-c", "adversarial", "noise")
+    assert PROMOTION_STAGES == tuple(STAGE_SETTINGS) == ("imagenet-c", "adversarial", "noise", "explain")
     args = _parser().parse_args(["evaluate", "noise", "--model", "demo", "--hparams", "default", "--data", "digits",
                                  "--out", "x"])
     assert args.stage == "noise"

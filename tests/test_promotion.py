@@ -1,4 +1,4 @@
-"""`pctune promote` on a finished demo search: the three stages end to end, files and MLflow."""
+"""`pctune promote` on a finished demo search: the four stages end to end, files and MLflow."""
 
 import os
 import subprocess
@@ -31,7 +31,7 @@ experiment = "promo-test"
 [promotion]
 top_k = 1
 auto = false
-stages = ["noise", "adversarial", "imagenet-c"]
+stages = ["noise", "adversarial", "imagenet-c", "explain"]
 [promotion.noise]
 timesteps = 3
 sigmas = [0.0, 0.5]
@@ -53,6 +53,13 @@ timesteps = 2
 num_images = 12
 resamples = 100
 use_ray = false
+[promotion.explain]
+timesteps = 2
+sigmas = [0.0, 0.5]
+num_images = 8
+chunk = 4
+resamples = 100
+overlays = 2
 '''
 
 
@@ -80,15 +87,19 @@ def test_promote_runs_every_stage_and_logs_nested_runs(tmp_path):
             assert set(success.attack) == {"bim", "pgd", "hsj"}
             mce = pd.read_csv(root / rank / "imagenet-c" / "mce.csv")
             assert list(mce.timestep) == [0, 1, 2] and mce.mce.notna().all() and mce.relative_mce.notna().all()
+            cam = pd.read_csv(root / rank / "explain" / "iou.csv")
+            assert sorted(set(zip(cam.sigma, cam.timestep, strict=True))) == [(s, t) for s in (0.0, 0.5) for t in range(3)]
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("promo-test")
         runs = client.search_runs([exp.experiment_id], "tags.`pctune.promotion` != ''")
         assert sorted(r.data.tags["pctune.promotion"] for r in runs) == ["rank1"]
         run = runs[0]
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "mce")) == [0, 1, 2]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "cam_iou_sigma0.5")) == [0, 1, 2]
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"mce.csv", "success.csv", "noise_sweep.csv", "mce_over_timesteps.png", "success.png",
-                "accuracy_per_sigma.png", "ce_last_vs_t0.png"} <= files
+                "accuracy_per_sigma.png", "ce_last_vs_t0.png", "iou.csv", "iou_over_timesteps.png",
+                "overlays_sigma0.png", "overlays_sigma0.5.png"} <= files
 
 
 def _space():
@@ -107,7 +118,7 @@ def test_promote_without_a_search_is_one_line(tmp_path):
 @pytest.mark.parametrize("bad,message", [('stages = ["mnist-c"]', "unknown stage 'mnist-c'")])
 def test_bad_promotion_settings_are_one_line(tmp_path, bad, message):
     job = tmp_path / "bad.toml"
-    job.write_text(JOB.replace('stages = ["noise", "adversarial", "imagenet-c"]', bad))
+    job.write_text(JOB.replace('stages = ["noise", "adversarial", "imagenet-c", "explain"]', bad))
     result = subprocess.run([sys.executable, "-m", "pctune.cli", "promote", str(job), "--storage-path", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

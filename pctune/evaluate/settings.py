@@ -1,5 +1,5 @@
-"""The promotion stages' settings, typed: ``[promotion.noise]``, ``[promotion.imagenet-c]`` and
-``[promotion.adversarial]`` of a job, and ``pctune evaluate STAGE --set KEY=VALUE``.
+"""The promotion stages' settings, typed: ``[promotion.noise]``, ``[promotion.imagenet-c]``,
+``[promotion.adversarial]`` and ``[promotion.explain]`` of a job, and ``pctune evaluate STAGE --set KEY=VALUE``.
 
 Each stage's keys and defaults are its dataclass's fields; :data:`STAGE_SETTINGS` is the one table of
 stage names (job validation, ``pctune evaluate`` and ``pctune promote --stages`` derive from it), and
@@ -106,18 +106,44 @@ class AdversarialSettings:
     attacks: list[AttackSpec] | None = None  # None: default_attacks()
 
 
+CAM_GRAD_MODES = ("exact", "constant-error")
+
+
+@dataclass
+class ExplainSettings:
+    """``explain``: Grad-CAM at every timestep against object masks, by IoU (Choksi et al., ESANN 2025)."""
+
+    timesteps: int = 10
+    sigmas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])  # Gaussian noise, normalized space
+    num_images: int | None = None  # None: all clean images (the paper: 2000)
+    seed: int = 0
+    masks: str | None = None  # the ImageNet-S mask folder (required unless the data is "digits")
+    categories: str | None = None  # ImageNet-S categories file (wnid per line); None: every labelled pixel
+    ink_threshold: float = 0.5  # digits: the object is the ink, pixels above this in [0, 1]
+    cam_threshold: float = 0.5  # the CAM's region: min-max normalised CAM >= this
+    grad_mode: str = "exact"  # how the unrolled network is differentiated (as the adversarial stage)
+    chunk: int = 50  # images per shard
+    use_ray: bool = True
+    resamples: int = 1000  # paired bootstrap resamples
+    overlays: int = 4  # seeded images in the overlay grid
+
+
 #: stage name -> its settings; THE table of promotion stages, in their documented order
 STAGE_SETTINGS: dict[str, type] = {
     "imagenet-c": ImagenetCSettings,
     "adversarial": AdversarialSettings,
     "noise": NoiseSettings,
+    "explain": ExplainSettings,
 }
 
 IMAGENET_C_SOURCES = ("generated", "released")
 
 
+StageSettings = NoiseSettings | ImagenetCSettings | AdversarialSettings | ExplainSettings
+
+
 def parse_stage_settings(stage: str, table: Mapping[str, Any], where: str, *,
-                         name: str | None = None) -> NoiseSettings | ImagenetCSettings | AdversarialSettings:
+                         name: str | None = None) -> StageSettings:
     """The settings of ``stage`` read from ``table`` and checked (types and ranges).
 
     ``where`` names the origin in errors (the job file, or ``--set``); ``name`` the table
@@ -173,4 +199,17 @@ def _check_adversarial(s: AdversarialSettings, source: str, where: str) -> None:
                 raise error(source, f"{where}.attacks[{i}]", f"attack {attack!r} is listed twice")
 
 
-_CHECKS = {"imagenet-c": _check_imagenet_c, "adversarial": _check_adversarial, "noise": _check_noise}
+def _check_explain(s: ExplainSettings, source: str, where: str) -> None:
+    _check_noise(s, source, where)
+    for key in ("ink_threshold", "cam_threshold"):
+        if not 0 <= getattr(s, key) <= 1:
+            raise error(source, f"{where}.{key}", f"must be in [0, 1], got {getattr(s, key)}")
+    if s.grad_mode not in CAM_GRAD_MODES:
+        raise error(source, f"{where}.grad_mode", f"unknown mode {s.grad_mode!r} ({', '.join(CAM_GRAD_MODES)})")
+    at_least(s.chunk, 1, source, f"{where}.chunk")
+    at_least(s.resamples, 1, source, f"{where}.resamples")
+    at_least(s.overlays, 0, source, f"{where}.overlays")
+
+
+_CHECKS = {"imagenet-c": _check_imagenet_c, "adversarial": _check_adversarial, "noise": _check_noise,
+           "explain": _check_explain}

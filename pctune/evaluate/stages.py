@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from pctune.errors import PctuneError
 from pctune.evaluate.images import Images, clean_images
 from pctune.evaluate.settings import (
     STAGE_SETTINGS,
     AdversarialSettings,
+    ExplainSettings,
     ImagenetCSettings,
     NoiseSettings,
     parse_stage_settings,
@@ -114,7 +116,51 @@ def run_adversarial(net: PredictiveNet, hparams: Hyperparameters, images: Images
                                         adv.plot_success(table, out / "success.png")], brief)
 
 
-_RUNNERS = {NoiseSettings: run_noise, ImagenetCSettings: run_imagenet_c, AdversarialSettings: run_adversarial}
+def run_explain(net: PredictiveNet, hparams: Hyperparameters, images: Images, settings: ExplainSettings,
+                out: Path, log: Log) -> StageResult:
+    from pctune.evaluate import explain as ex
+    from pctune.evaluate.explain_plots import plot_iou, plot_overlays, seeded_picks
+
+    payload = ex.ExplainPayload(net, hparams, *_masked_images(images, settings, net, log), images.mean, images.std,
+                                settings.timesteps, settings.cam_threshold, settings.grad_mode, settings.seed)
+    results = ex.run_all(payload, settings.sigmas, out, chunk=settings.chunk, use_ray=settings.use_ray, log=log)
+    table = ex.iou_table(results, resamples=settings.resamples, seed=settings.seed)
+    table.to_csv(out / "iou.csv", index=False)
+    cost = ex.cost_per_image_timestep(results)
+    (out / "cost.json").write_text(json.dumps({"seconds_per_image_per_timestep": cost}, indent=2))
+    names = {"iou": "cam_iou", "ci_low": "cam_iou_ci_low", "ci_high": "cam_iou_ci_high", "relative_t0": "cam_iou_rel"}
+    metrics = [(f"{name}_sigma{r.sigma:g}", float(getattr(r, col)), int(r.timestep)) for r in table.itertuples()
+               for col, name in names.items() if pd.notna(getattr(r, col))]
+    artifacts = [out / "iou.csv", out / "cost.json", plot_iou(table, out / "iou_over_timesteps.png")]
+    picks = seeded_picks(settings.overlays, len(payload.labels), settings.seed)
+    if picks:
+        artifacts += [plot_overlays(payload, picks, s, out / f"overlays_sigma{s:g}.png") for s in settings.sigmas]
+    brief = table.pivot_table(index="sigma", columns="timestep", values="iou").to_string(float_format="{:.3f}".format)
+    return StageResult(table, metrics, artifacts, f"{brief}\nGrad-CAM: {cost * 1000:.1f} ms per image per timestep")
+
+
+def _masked_images(images: Images, settings: ExplainSettings, net: PredictiveNet, log: Log):
+    """(pixels, labels, objects, valid) of the images that have a mask: the digits' ink, or the
+    ImageNet-S masks matched to the val images by file name."""
+    from pctune.evaluate.masks import imagenet_s_masks, ink_masks
+
+    if settings.masks is None:
+        if images.crop:  # an ImageNet-style folder: ink is no object mask there
+            raise PctuneError(f"explain: masks: an ImageNet-S mask folder is needed for the images of {images.folder}")
+        return images.pixels, images.labels, *ink_masks(images.pixels, settings.ink_threshold)
+    from pctune.data.folders import image_folder
+    from pctune.data.subsets import seeded_subset
+
+    samples = image_folder(images.folder, split="val", image_size=net.input_size[-1]).samples
+    names = [str(Path(samples[i][0]).relative_to(images.folder))
+             for i in seeded_subset(len(samples), settings.num_images, settings.seed)]
+    objects, valid, found = imagenet_s_masks(settings.masks, names, net.input_size[-1], settings.categories)
+    log(f"explain: {len(found)} of {len(names)} images have a mask in {settings.masks}")
+    return images.pixels[found], images.labels[found], objects, valid
+
+
+_RUNNERS = {NoiseSettings: run_noise, ImagenetCSettings: run_imagenet_c, AdversarialSettings: run_adversarial,
+            ExplainSettings: run_explain}
 
 
 def run_stage(settings, net: PredictiveNet, hparams: Hyperparameters, images: Images, out: Path,
@@ -125,9 +171,9 @@ def run_stage(settings, net: PredictiveNet, hparams: Hyperparameters, images: Im
 
 
 def stage_images(stage: str, settings, source: str, path: str | None, net: PredictiveNet, workers: int = 0) -> Images:
-    """The clean images a stage starts from: the noise sweep draws its seeded subset here; the other
+    """The clean images a stage starts from: the noise sweep and explain draw their seeded subset here; the other
     stages take every image (ImageNet-C subsets its own plan, the attacks choose their own images)."""
-    num_images = settings.num_images if stage == "noise" else None
+    num_images = settings.num_images if stage in ("noise", "explain") else None
     return clean_images(source, path, net.input_size, num_images, settings.seed, workers)
 
 

@@ -147,6 +147,7 @@ def build_from_spec(
         input_size=spec.input_size,
         gradient_scaling=spec.gradient_scaling if gradient_scaling is None else gradient_scaling,
         presets=spec.presets,
+        cam_layer=spec.cam_layer,
     )
     if feedback_weights is not None:
         load_feedback_weights(net, feedback_weights)

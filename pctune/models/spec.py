@@ -31,6 +31,7 @@ class ModelSpec:
     presets: dict[str, Hyperparameters] = field(default_factory=dict)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    cam_layer: str | None = None  # the pcoder module Grad-CAM explains (None: the last pcoder's)
 
     @property
     def num_pcoders(self) -> int:
@@ -54,7 +55,7 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Mod
         if key not in data:
             raise PctuneError(f"{where}: missing required key {key!r}")
     known = {"name", "backbone", "pcoders", "input_size", "gradient_scaling", "description",
-             "hyperparameters", "backbone_kwargs"}
+             "hyperparameters", "backbone_kwargs", "cam_layer"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PctuneError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -75,6 +76,7 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Mod
         description=str(data.get("description", "")),
         backbone_kwargs=dict(data.get("backbone_kwargs", {})),
         source=source,
+        cam_layer=_cam_layer(data.get("cam_layer"), pcoders, where),
     )
     for preset, table in data.get("hyperparameters", {}).items():
         try:
@@ -83,6 +85,14 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Mod
         except PctuneError as exc:
             raise PctuneError(f"{where}: hyperparameters.{preset}: {exc}") from exc
     return spec
+
+
+def _cam_layer(value: Any, pcoders: list[PcoderSpec], where: str) -> str | None:
+    """Grad-CAM needs the representation the dynamics update, so the layer must end a pcoder."""
+    modules = [p.module for p in pcoders]
+    if value is not None and value not in modules:
+        raise PctuneError(f"{where}: cam_layer {value!r} must be one of the pcoder modules ({', '.join(modules)})")
+    return None if value is None else str(value)
 
 
 def parse_input_size(value: Any, where: str) -> tuple[int, int, int]:

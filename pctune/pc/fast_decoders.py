@@ -215,3 +215,12 @@ class DecoderPlan:
         for step, s in zip(reversed(self.steps), reversed(saved), strict=True):
             grad = step.adjoint(grad, s)
         return pred, grad, diff
+
+
+def constant_error_grad(decoder: nn.Module, rep: Tensor, target: Tensor, per_elem: float) -> Tensor:
+    """G = J_g(e)^T (per_elem (p - target)) with the error p - target held constant."""
+    with torch.enable_grad():
+        source = rep.detach().requires_grad_(True)
+        pred = decoder(source)
+        (grad,) = torch.autograd.grad(pred, source, grad_outputs=(pred - target.detach()).detach() * per_elem)
+    return grad

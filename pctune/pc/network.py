@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from pctune.errors import PctuneError
-from pctune.pc.fast_decoders import DecoderPlan
+from pctune.pc.fast_decoders import DecoderPlan, constant_error_grad
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.scaling import gradient_scale
 from pctune.pc.split import split_backbone
@@ -51,6 +51,7 @@ class PredictiveNet(nn.Module):
         input_size: Sequence[int] = (3, 224, 224),
         gradient_scaling: bool = False,
         presets: dict[str, Hyperparameters] | None = None,
+        cam_layer: str | None = None,
     ) -> None:
         super().__init__()
         if len(decoders) != len(encoder_modules):
@@ -62,6 +63,11 @@ class PredictiveNet(nn.Module):
         self.input_size = tuple(input_size)
         self.gradient_scaling = gradient_scaling
         self.presets = dict(presets or {})
+        self.cam_layer = cam_layer or self.encoder_modules[-1]  # whose representation Grad-CAM explains
+        if self.cam_layer not in self.encoder_modules:
+            raise PctuneError(f"cam_layer {self.cam_layer!r} must end a pcoder (one of {self.encoder_modules})")
+        # run() calls taps[n] on e_n(T) of its last sweep: a hook there sees what the last logits come from
+        self.taps = nn.ModuleList(nn.Identity() for _ in self.encoder_modules)
         encoders, head = split_backbone(backbone, self.encoder_modules)
         # Plain lists: the pieces share the backbone's modules and must not appear twice in state_dict.
         self._encoders: list[nn.Module] = encoders
@@ -78,6 +84,10 @@ class PredictiveNet(nn.Module):
     @property
     def num_pcoders(self) -> int:
         return len(self.decoders)
+
+    @property
+    def cam_tap(self) -> nn.Module:
+        return self.taps[self.encoder_modules.index(self.cam_layer)]
 
     @property
     def encoders(self) -> list[nn.Module]:
@@ -288,7 +298,7 @@ class _Dynamics:
                     rep = self.encoders[n](below) if start is None else start.reps[n]
                     if self.net.gradient_scaling and self.corrects[n]:
                         scales[n] = start.scales[n] if start and start.scales else self.net._scale(n, rep, below)
-                reps[n] = rep
+                reps[n] = rep = self.net.taps[n](rep) if last else rep
                 want_pred = self.keep or (not last and (self.feeds_back[n] or self.corrects[n]))
                 want_grad = not last and self.corrects[n]
                 # A compiled decoder's plain prediction may round differently from start's (the plan's).
@@ -375,7 +385,7 @@ class _Dynamics:
             return pred, grad, err
         if self.grad_mode == "constant-error":
             pred = decoder(rep)
-            grad = self._constant_grad(decoder, rep, target, per_elem) if want_grad else None
+            grad = constant_error_grad(decoder, rep, target, per_elem) if want_grad else None
             err = (pred - target).detach().square().flatten(1).mean(1) if self.keep else None
             return pred, grad, err
         # Inference: the decoder's VJP with the per-image error's output gradient, computed layer by
@@ -388,12 +398,3 @@ class _Dynamics:
             diff = pred - target if self.keep else None
         err = diff.square().flatten(1).mean(1) if self.keep else None
         return pred, grad, err
-
-    @staticmethod
-    def _constant_grad(decoder: nn.Module, rep: Tensor, target: Tensor, per_elem: float) -> Tensor:
-        """G = J_g(e)^T (per_elem (p - target)) with the error p - target held constant."""
-        with torch.enable_grad():
-            source = rep.detach().requires_grad_(True)
-            pred = decoder(source)
-            (grad,) = torch.autograd.grad(pred, source, grad_outputs=(pred - target.detach()).detach() * per_elem)
-        return grad
