@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from test_search import cluster, workdir  # noqa: F401 (fixtures)
+from test_search import cluster, workdir, write_job  # noqa: F401 (fixtures)
 
 from pctune.cli import main
 from pctune.errors import PctuneError
@@ -39,33 +39,10 @@ weight = 0.5
 
 
 def robust_job(root: Path, name: str, objective: str = "", conditions: str = CONDITIONS, *, images: int = 48,
-               num_samples: int = 6, search: str = "") -> Path:
-    path = root / f"{name}.toml"
-    path.write_text(f"""
-[model]
-name = "demo"
-backbone_weights = "{root}/backbone.pt"
-feedback_weights = "{root}/feedback.pt"
-[data]
-source = "digits"
-num_images = {images}
-seed = 1
-[objective]
-timesteps = 2
-batch_size = 32
-{objective}
-{conditions}
-[search]
-space = "space.toml"
-num_samples = {num_samples}
-max_concurrent_trials = 2
-seed = 3
-starting_points = ["default"]
-{search}
-[run]
-storage_path = "{root}/runs"
-""")
-    return path
+               num_samples: int = 6, search: str = "", sampler: str = "tpe") -> Path:
+    """test_search's job (sigma = 0.5, T = 2) with the robust objective's keys and conditions."""
+    return write_job(root, name, num_samples=num_samples, concurrent=2, images=images, points='["default"]',
+                     sampler=sampler, objective_extra=f"{objective}\n{conditions}", search_extra=search)
 
 
 # -- the job's specs ---------------------------------------------------------------------------------
@@ -102,14 +79,15 @@ def test_bad_condition_and_constraint_specs_are_one_line_errors(workdir, objecti
     assert "\n" not in text and text.startswith(str(path)) and message in text
 
 
-@pytest.mark.parametrize(("objective", "search", "message"), [
-    ('combine = "pareto"\npareto = ["noise", "clean"]', 'scheduler = "asha"', "search.scheduler: combine = 'pareto' needs"),
-    ('combine = "pareto"\npareto = ["noise", "clean"]', 'sampler = "gp"', "search.sampler: combine = 'pareto' needs"),
-    ("", 'scheduler = "hyperband"', "search.scheduler: 'hyperband' works with a single condition"),
+@pytest.mark.parametrize(("objective", "search", "sampler", "message"), [
+    ('combine = "pareto"\npareto = ["noise", "clean"]', 'scheduler = "asha"', "tpe",
+     "search.scheduler: combine = 'pareto' needs"),
+    ('combine = "pareto"\npareto = ["noise", "clean"]', "", "gp", "search.sampler: combine = 'pareto' needs"),
+    ("", 'scheduler = "hyperband"', "tpe", "search.scheduler: 'hyperband' works with a single condition"),
 ])
-def test_a_search_that_cannot_serve_the_objective_is_refused(workdir, objective, search, message):  # noqa: F811
+def test_a_search_that_cannot_serve_the_objective_is_refused(workdir, objective, search, sampler, message):  # noqa: F811
     with pytest.raises(PctuneError, match=message):
-        load_job(robust_job(workdir, "bad-robust-search", objective, search=search))
+        load_job(robust_job(workdir, "bad-robust-search", objective, search=search, sampler=sampler))
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -135,7 +113,7 @@ def test_each_condition_scores_as_it_would_alone_and_the_paper_condition_as_toda
     assert together["mean_ce"] == pytest.approx((alone["noise"]["mean_ce"] + 0.5 * alone["fog"]["mean_ce"]) / 1.5)
     assert together["ce_t1"] == alone["noise"]["ce_t1"]  # the first condition, unsuffixed
     # the paper's job (sigma, no conditions) sees exactly the images of the "noise" condition
-    plain = prepare(load_job(robust_job(workdir, "plain", "sigma = 0.5", conditions="", images=40)),
+    plain = prepare(load_job(robust_job(workdir, "plain", conditions="", images=40)),
                     log=lambda _m: None)
     assert np.array_equal(plain.images, prep.conditions["noise"]) and np.array_equal(plain.labels, prep.labels)
     clean = prep.conditions["clean"]

@@ -62,7 +62,7 @@ def workdir(tmp_path_factory):
 def write_job(root: Path, name: str, *, space: str = "space.toml", num_samples: int = 5, concurrent: int = 1,
               images: int = 48, points: str = '["default", { name = "mine", beta = 0.5, lambda = 0.2, alpha = 0.05 }]',
               extra: str = "", sampler: str = "tpe", strategy: str = "joint", timesteps: int = 2,
-              search_extra: str = "") -> Path:
+              search_extra: str = "", objective_extra: str = "") -> Path:
     path = root / f"{name}.toml"
     path.write_text(f"""
 [model]
@@ -78,6 +78,7 @@ seed = 1
 sigma = 0.5
 timesteps = {timesteps}
 batch_size = 64
+{objective_extra}
 [search]
 space = "{space}"
 sampler = "{sampler}"

@@ -13,7 +13,7 @@ metrics are also reported without the suffix (what the leaderboard and the summa
 - ``"constraints"``: the same weighted mean (give a condition weight 0 to use it only in constraints),
   subject to ``objective.constraints``; each constraint's value is reported as ``constraint_c_metric``
   (feasible when <= 0) and ``feasible`` says whether all hold. Optuna's sampler gets the values through
-  ``constraints_func`` and learns where the feasible region is; an infeasible trial is kept and marked,
+  ``Trial.set_constraint`` and learns where the feasible region is; an infeasible trial is kept and marked,
   never ranked (so never a champion);
 - ``"pareto"``: the mean CEs of the conditions in ``objective.pareto`` (2 or 3) as separate objectives
   (Optuna's multi-objective TPE or NSGA-II); constraints, if any, also apply. The champion is the member

@@ -310,20 +310,26 @@ def rank(entries: list[Entry], front: Sequence[str] = ()) -> list[Entry]:
     image, never one that breaks the objective's constraints), best score first; ties keep their order.
     With ``front`` (a Pareto search's objectives), the Pareto front of the ranked ones comes first, by
     the first objective, then the others by the first objective."""
-    found = [e for e in entries if e.kind != "reference" and not e.diverged and e.full_fidelity
-             and math.isfinite(e.mean_ce) and e.feasible]
     if not front:
-        return sorted(found, key=lambda e: e.mean_ce)
-    on_front = pareto_front([[float(e.metrics.get(m, math.nan)) for m in front] for e in found])
+        return sorted(_rankable(entries), key=lambda e: e.mean_ce)
     first = front[0]
-    return [e for _, e in sorted(zip(on_front, found, strict=True),
-                                 key=lambda pair: (not pair[0], float(pair[1].metrics.get(first, math.inf))))]
+    ranked = sorted(_with_front(entries, front),
+                    key=lambda pair: (not pair[1], float(pair[0].metrics.get(first, math.inf))))
+    return [e for e, _ in ranked]
 
 
 def front_members(entries: list[Entry], front: Sequence[str]) -> set[int]:
     """``id()`` of the ranked entries on the Pareto front of ``front`` (empty without ``front``)."""
-    if not front:
-        return set()
-    found = rank(entries, front)
+    return {id(e) for e, on in _with_front(entries, front) if on} if front else set()
+
+
+def _rankable(entries: list[Entry]) -> list[Entry]:
+    return [e for e in entries if e.kind != "reference" and not e.diverged and e.full_fidelity
+            and math.isfinite(e.mean_ce) and e.feasible]
+
+
+def _with_front(entries: list[Entry], front: Sequence[str]) -> list[tuple[Entry, bool]]:
+    """The rankable entries, each with whether it is on the Pareto front of the ``front`` metrics."""
+    found = _rankable(entries)
     on_front = pareto_front([[float(e.metrics.get(m, math.nan)) for m in front] for e in found])
-    return {id(e) for e, on in zip(found, on_front, strict=True) if on}
+    return list(zip(found, on_front, strict=True))
