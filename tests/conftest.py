@@ -13,6 +13,16 @@ def isolated_tracking(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_demo_cache(tmp_path_factory):
+    """One cache of the trained demo model for the whole session (trained on first use, about 10 s),
+    never the user's ~/.cache; tests that check the training itself set a fresh PCTUNE_CACHE."""
+    import os
+
+    if "PCTUNE_CACHE" not in os.environ:
+        os.environ["PCTUNE_CACHE"] = str(tmp_path_factory.mktemp("pctune-cache"))
+
+
 @pytest.fixture(autouse=True)
 def tracking_uri_kept():
     """MLflow's set_tracking_uri (champion registration calls it) leaves MLFLOW_TRACKING_URI in the

@@ -202,11 +202,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    env = {**os.environ, **RAY_ENV, "PCTUNE_CACHE": str(cache)}
+def env():
+    env = {**os.environ, **RAY_ENV}  # PCTUNE_CACHE: the session's demo model cache (conftest)
     env.pop("RAY_ADDRESS", None)
-    # the demo model is trained once (about 10 s) and cached before the cluster exists
+    # the demo model is trained (about 10 s) and cached before the cluster exists, unless it already is
     out = subprocess.run([sys.executable, "-c", "from pctune.data.demo import ensure_demo_model; "
                           "ensure_demo_model(log=print)"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

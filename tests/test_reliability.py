@@ -121,8 +121,7 @@ def test_sigterm_stops_the_search_like_ctrl_c(tmp_path, sig, code):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "PCTUNE_CACHE": os.environ.get("PCTUNE_CACHE", str(Path.home() / ".cache" / "pctune")),
-           "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     args = ["search", "demo", "--storage-path", str(tmp_path / "runs"), "--num-samples", "40", "--max-concurrent", "1",
             "--set", "data.num_images=300"]
     proc = subprocess.Popen([sys.executable, "-m", "pctune.cli", *args], stdout=subprocess.PIPE,

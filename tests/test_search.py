@@ -1,11 +1,6 @@
 """Real searches on a local Ray (no mocks): tiny model, tiny images, a few trials each."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -148,62 +143,6 @@ alpha = { low = 1e-3, high = 1e30, log = true }
     assert all(m["mean_ce"] == penalty and penalty < 1e3 for m in diverged)
     assert not trials[0].metrics["diverged"]  # the default point is sane
     assert leaderboard(job)["mean_ce"].notna().all()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("cut_state", [False, True], ids=["killed", "killed-while-saving-state"])
-def test_resume_after_killing_the_driver_runs_only_the_remaining_trials(cluster, workdir, cut_state, capsys):
-    name = "resume-cut" if cut_state else "resume"
-    path = write_job(workdir, name, num_samples=8, images=400, timesteps=4, points='["default"]')
-    job = load_job(path)
-    exp = job.run_dir / "joint"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", str(path), "--address", cluster],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and len(_finished(exp)) < 3:
-            assert driver.poll() is None, "the driver ended before it could be killed"
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    before = _finished(exp)
-    assert 3 <= len(before) < 8
-    if cut_state:  # what a kill in the middle of Tune rewriting its state file leaves behind
-        state = sorted(exp.glob("experiment_state-*.json"))[-1]
-        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    time.sleep(2)  # let Ray notice the dead driver and release its trial actors
-    resumed_at = time.time()
-    job.resume = True
-    capsys.readouterr()
-    run_search(job)
-    out = capsys.readouterr().out
-    assert ("restored its last complete copy" in out) == cut_state, out
-    after = _finished(exp)
-    assert len(after) == 8
-    for folder, line in before.items():
-        last = json.loads(after[folder])
-        # kept as it was, or (finished in the instant before the kill, after the state was last
-        # saved) replayed from its result: never evaluated again
-        assert after[folder] == line or last.get("replayed") == 1
-        assert last["mean_ce"] == json.loads(line)["mean_ce"]
-    new = [f for f in after if f not in before]
-    assert len(new) == 8 - len(before)
-    assert all(json.loads(after[f])["timestamp"] >= int(resumed_at) - 1 for f in new)
-    assert not any(json.loads(after[f]).get("replayed") for f in new)
-
-
-def _finished(exp: Path) -> dict[str, str]:
-    if not exp.is_dir():
-        return {}
-    out = {}
-    for result in exp.glob("*/result.json"):
-        lines = result.read_text().strip().splitlines()
-        if lines:
-            out[result.parent.name] = lines[-1]
-    return out
 
 
 @pytest.mark.slow

@@ -142,21 +142,31 @@ def test_resume_after_sigkill_under_asha_loses_no_finished_trial(cluster, workdi
         driver.wait()
     before = {t.trial_id: t for t in run_dir.trials("joint") if t.finished}
     assert 3 <= len(before) < 10
+    # the worst moment to be killed: in the middle of Tune rewriting its state file (what that leaves)
+    state = sorted((job.run_dir / "joint").glob("experiment_state-*.json"))[-1]
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     time.sleep(2)  # let Ray notice the dead driver and release its trial actors
     job.resume = True
     from pctune.search.driver import run_search
 
     capsys.readouterr()
+    resumed_at = time.time()
     run_search(job)
+    out = capsys.readouterr().out
+    assert "restored its last complete copy" in out
     # the rung decisions go on from the rungs of the trials that had finished, rebuilt from their curves
-    assert f"[joint] ASHA rungs rebuilt from the {len(before)} trials that had finished" in capsys.readouterr().out
+    assert f"[joint] ASHA rungs rebuilt from the {len(before)} trials that had finished" in out
     after = {t.trial_id: t for t in run_dir.trials("joint")}
     assert sum(t.finished for t in after.values()) == 10
     for trial_id, trial in before.items():  # every trial finished before the kill: kept, never run again
-        kept = after[trial_id]
+        kept = after[trial_id]  # (or, finished after the state was last saved: replayed from its result)
         assert kept.finished and kept.stopped_early == trial.stopped_early
         assert kept.metrics["mean_ce"] == trial.metrics["mean_ce"]
         assert kept.metrics["num_images"] == trial.metrics["num_images"]
+        assert kept.metrics["timestamp"] == trial.metrics["timestamp"] or kept.metrics.get("replayed") == 1
+    new = [t for key, t in after.items() if key not in before]
+    assert len(new) == 10 - len(before)  # the missing trials ran after the resume, once each
+    assert all(t.metrics["timestamp"] >= int(resumed_at) - 1 and not t.metrics.get("replayed") for t in new)
     best = run_dir.best()
     assert best is not None and best.full_fidelity
 

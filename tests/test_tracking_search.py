@@ -23,9 +23,8 @@ def _pctune(*args, env, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "PCTUNE_CACHE": str(cache), "RAY_DEDUP_LOGS": "0"}
+def env():
+    return {**os.environ, "RAY_DEDUP_LOGS": "0"}  # PCTUNE_CACHE: the session's demo model cache (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,6 @@ def test_search_runs_params_metrics_artifacts_and_champion(tracked, env):
     from pctune.search.prepare import prepare
     from pctune.tracking import load_champion
 
-    os.environ["PCTUNE_CACHE"] = env["PCTUNE_CACHE"]
     net, hparams, timesteps = load_champion("demo", uri)
     job = load_job("demo", {"run.storage_path": str(storage), "data.num_images": 120})
     prep = prepare(job, log=lambda _m: None)
