@@ -168,6 +168,7 @@ tolerance = 0.0015
 """
 
 
+@pytest.mark.slow
 def test_a_constrained_search_never_registers_an_infeasible_champion(cluster, workdir, tmp_path):  # noqa: F811
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = robust_job(workdir, "constrained", 'combine = "constraints"', CONDITIONS + CONSTRAINED, num_samples=8)
@@ -206,6 +207,7 @@ def test_a_constrained_search_never_registers_an_infeasible_champion(cluster, wo
     assert version.tags["pctune.champion_rule"] == tags["pctune.champion_rule"]
 
 
+@pytest.mark.slow
 def test_a_pareto_search_marks_exactly_the_non_dominated_trials(cluster, workdir, tmp_path):  # noqa: F811
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = robust_job(workdir, "pareto", 'combine = "pareto"\npareto = ["noise", "clean"]', num_samples=8)

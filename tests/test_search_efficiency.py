@@ -52,6 +52,7 @@ def asha_run(cluster, workdir, tmp_path_factory):  # noqa: F811
     return load_job(path), uri
 
 
+@pytest.mark.slow
 def test_asha_stops_trials_early_and_none_of_them_wins(asha_run):
     job, uri = asha_run
     run_dir = RunDir(job.run_dir)
@@ -78,6 +79,7 @@ def test_asha_stops_trials_early_and_none_of_them_wins(asha_run):
     assert client.get_run(version.run_id).data.tags["pctune.champion_trial"] == ranked[0].trial_id
 
 
+@pytest.mark.slow
 def test_mlflow_children_log_the_curve_and_the_early_stop(asha_run):
     job, uri = asha_run
     client = MlflowClient(uri)
@@ -95,6 +97,7 @@ def test_mlflow_children_log_the_curve_and_the_early_stop(asha_run):
         assert run.data.metrics["total_images"] == 200
 
 
+@pytest.mark.slow
 def test_pruned_trials_reach_the_optuna_study_as_pruned(asha_run):
     import optuna
 
@@ -114,6 +117,7 @@ def test_pruned_trials_reach_the_optuna_study_as_pruned(asha_run):
         sorted(t.metrics["mean_ce"] for t in trials if not t.stopped_early))
 
 
+@pytest.mark.slow
 def test_asha_rebuilds_its_rungs_from_the_finished_trials(asha_run):
     job, _ = asha_run
     trials = RunDir(job.run_dir).trials("joint")
@@ -124,6 +128,7 @@ def test_asha_rebuilds_its_rungs_from_the_finished_trials(asha_run):
         assert sizes[milestone] == sum(1 for t in trials if any(images >= milestone for images, _ in t.curve))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_under_asha_loses_no_finished_trial(cluster, workdir, capsys):  # noqa: F811
     path = write_job(workdir, "asha-resume", num_samples=10, images=300, timesteps=4, points='["default"]',
                      search_extra=ASHA)
@@ -199,6 +204,7 @@ def test_timestep_zero_cache_gives_identical_scores_and_falls_back_when_over_bud
     assert tiny.entries == {} and counter["cached"] == 0  # over budget: recomputed, no error
 
 
+@pytest.mark.slow
 def test_a_search_reuses_timestep_zero_across_trials(asha_run):
     job, _ = asha_run
     trials = RunDir(job.run_dir).trials("joint")
