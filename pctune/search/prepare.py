@@ -213,7 +213,8 @@ def cam_images(job: Job, spec: ModelSpec, net: PredictiveNet, log: Log
                ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """A ``cam_iou`` search's noisy images, labels and object masks, in the evaluation order: the seeded
     subset's images that have a mask, by the explain stage's rule ([promotion.explain]: the digits'
-    ink, or ImageNet-S PNGs matched by file name), with the objective's noise in normalized space."""
+    ink, or ImageNet-S PNGs matched by file name), with the objective's noise in normalized space. An image
+    of a folder that cannot be decoded is an error here (its mask would be matched to the wrong image)."""
     from dataclasses import replace
 
     from pctune.data.noise import add_gaussian_noise
@@ -222,6 +223,9 @@ def cam_images(job: Job, spec: ModelSpec, net: PredictiveNet, log: Log
 
     data = job.data
     size = data.image_size or spec.input_size[-1]
+    if data.source != "digits" and size != spec.input_size[-1]:  # the masks are cropped at the model's size
+        raise PctuneError(f"{job.source}: data.image_size: objective.kind = 'cam_iou' on an image folder takes the "
+                          f"model's input size ({spec.input_size[-1]}), got {size}")
     images = clean_images(data.source, data.path, (spec.input_size[0], size, size), data.num_images, data.seed,
                           data.workers)
     settings = replace(job.promotion.settings["explain"], num_images=data.num_images, seed=data.seed)

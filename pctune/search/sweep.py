@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,20 +50,20 @@ def value_label(run_dir: RunDir) -> str:
     return "IoU(T) / IoU(0)" if objective.get("cam_timesteps", "last") == "last" else "mean IoU(1..T) / IoU(0)"
 
 
-def grids(table: pd.DataFrame) -> dict[int, pd.DataFrame]:
+def relative_grids(table: pd.DataFrame) -> dict[int, pd.DataFrame]:
     """pcoder -> its ``relative_t0`` as a beta x lambda table (NaN: skipped or diverged)."""
     return {int(n): group.pivot_table(index="beta", columns="lambda", values="relative_t0", dropna=False)
             for n, group in table.groupby("pcoder")}
 
 
-def plot_sweep(table: pd.DataFrame, label: str, title: str, path) -> object:
+def plot_sweep(table: pd.DataFrame, label: str, title: str, path: Path) -> Path:
     """One heatmap per pcoder (lambda across, beta up; the colour centred at 1 = no change from t = 0),
     each cell annotated with its value."""
     import matplotlib
     from matplotlib.colors import TwoSlopeNorm
 
     plt = pyplot()
-    panels = grids(table)
+    panels = relative_grids(table)
     finite = table["relative_t0"][np.isfinite(table["relative_t0"])]
     low, high = (min(finite.min(), 0.999), max(finite.max(), 1.001)) if len(finite) else (0.999, 1.001)
     norm = TwoSlopeNorm(vcenter=1.0, vmin=low, vmax=high)
@@ -82,12 +83,13 @@ def plot_sweep(table: pd.DataFrame, label: str, title: str, path) -> object:
         ax.set_yticks(range(len(grid.index)), [f"{v:g}" for v in grid.index])
         ax.set(xlabel="lambda", title=f"pcoder{n}")
     axes[0][0].set_ylabel("beta")
-    fig.colorbar(image, cax=axes[0][-1], label=label)
+    bar = fig.colorbar(image, cax=axes[0][-1], label=label, format="%.3f")
+    bar.set_ticks(sorted({*np.linspace(low, 1.0, 4), *np.linspace(1.0, high, 4)}))  # both halves, inside the range
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
-def write_sweep(run_dir: RunDir, log: Callable[[str], None] = print) -> list:
+def write_sweep(run_dir: RunDir, log: Callable[[str], None] = print) -> list[Path]:
     """``sweep.csv`` and ``sweep.png`` in the run directory, and the grids printed; the paths written."""
     table = sweep_table(run_dir)
     if table.empty:
@@ -97,7 +99,7 @@ def write_sweep(run_dir: RunDir, log: Callable[[str], None] = print) -> list:
     sigma = run_dir.job_record()["job"]["objective"]["sigma"]
     title = f"{label}, one pcoder at a time (the others feedforward); sigma = {sigma:g}, T = {run_dir.timesteps}"
     log(f"\n{label} per grid point (rows beta, columns lambda; the other pcoders feedforward):")
-    for n, grid in grids(table).items():
+    for n, grid in relative_grids(table).items():
         log(f"pcoder{n}\n{grid.to_string(float_format='{:.3f}'.format, na_rep='-')}")
     paths = [run_dir / SWEEP_CSV, plot_sweep(table, label, title, run_dir / SWEEP_PNG)]
     log(f"written: {paths[0]}, {paths[1]}")
