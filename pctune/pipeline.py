@@ -19,7 +19,7 @@ import pandas as pd
 from pctune.errors import Interrupted, PctuneError
 from pctune.search.job import Job
 from pctune.search.prepare import load_job_model
-from pctune.search.rundir import PROMOTION, Entry, RunDir, front_members, rank
+from pctune.search.rundir import PROMOTION, SWEEP_CSV, SWEEP_PNG, Entry, RunDir, front_members, rank
 from pctune.tracking.runs import SearchTracker
 from pctune.tracking.store import check_reachable, resolve_tracking_uri, ui_command
 from pctune.utils import first_line
@@ -93,7 +93,7 @@ def _parent_params(job: Job, run_dir: RunDir) -> dict[str, Any]:
     return {"job": job.name, "model": record.get("model", job.model.name), "sampler": job.search.sampler,
             "seed": job.search.seed, "strategy": job.search.strategy, "num_samples": job.search.num_samples,
             "num_images": record.get("num_images", job.data.num_images), "sigma": job.objective.sigma,
-            "timesteps": job.objective.timesteps, "data_source": job.data.source,
+            "timesteps": job.objective.timesteps, "objective": job.objective.kind, "data_source": job.data.source,
             "dataset_digest": record.get("dataset_digest", "unknown"), "space": record.get("space", ""),
             "unreadable_images": len(record.get("unreadable_images", []))}
 
@@ -114,12 +114,17 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     added = tracker.log_missing((t.trial_id, t.config, t.metrics, t.curve) for t in trials)
     log(f"MLflow: {added} trial runs added, {len(trials) - added} already there")
     summary: dict[str, Any] = {}
-    best = next(iter(rank(entries, run_dir.front())), None)
+    metric, mode = run_dir.goal()
+    best = next(iter(rank(entries, run_dir.front(), (metric, mode))), None)
     scored = [t for t in trials if t.full_fidelity]  # the plots and importances compare final scores only
     if scored:
         frame = pd.DataFrame([{"trial_id": t.trial_id, **t.config, **t.metrics} for t in scored])
         summary = log_search_summary(tracker, frame, _baselines(run_dir), run_dir / "summary",
-                                     best={**best.metrics, **best.params} if best else None)
+                                     best={**best.metrics, **best.params} if best else None, score=metric,
+                                     mode=mode)
+    sweep = [run_dir / name for name in (SWEEP_CSV, SWEEP_PNG) if (run_dir / name).is_file()]
+    if sweep:  # a single-pcoder grid sweep: its table and heatmaps (written by the search's results)
+        tracker.log_summary({}, artifacts=sweep)
     robust = job.objective.robust(job.source)
     if robust is not None and len(robust.conditions) > 1:
         _log_tradeoff(tracker, entries, robust, run_dir, best)
@@ -179,8 +184,9 @@ def register(job: Job, tracker: SearchTracker, best: Entry, log: Log) -> None:
     robust = job.objective.robust(job.source)
     if robust is not None:  # which rule chose this version
         tracker.client.set_model_version_tag(job.name, version, "pctune.champion_rule", robust.champion_rule())
+    metric = job.objective.goal()[0]
     log(f"MLflow: registered model {job.name!r} version {version} as @champion ({best.kind} {best.key}, "
-        f"mean_ce {best.mean_ce:.4f})")
+        f"{metric} {best.score(metric):.4f})")
 
 
 # -- promotion --------------------------------------------------------------------------------------
@@ -221,7 +227,8 @@ def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None,
     root = RunDir(job.run_dir) / PROMOTION
     summary: dict[str, Any] = {}
     for cand in chosen:
-        log(f"promotion: {cand.name} ({cand.entry.kind} {cand.key}, mean_ce {cand.entry.mean_ce:.4f}): "
+        metric = RunDir(job.run_dir).goal()[0]
+        log(f"promotion: {cand.name} ({cand.entry.kind} {cand.key}, {metric} {cand.entry.score(metric):.4f}): "
             f"{', '.join(stages)}")
         outputs = {}
         for stage in stages:

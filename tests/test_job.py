@@ -37,7 +37,7 @@ from pctune.search.samplers import SAMPLERS, make_sampler
 MINIMAL = {"model": {"name": "demo"}, "data": {"source": "digits"}, "search": {"space": "demo"}}
 
 
-@pytest.mark.parametrize("name", ["demo", "pvgg16", "peffnetb0"])
+@pytest.mark.parametrize("name", ["demo", "pvgg16", "peffnetb0", "demo-explain-sweep"])
 def test_shipped_jobs_load(name):
     job = load_job(REPO_ROOT / "jobs" / f"{name}.toml")
     assert job.name == name
@@ -156,7 +156,7 @@ def test_a_job_in_the_current_directory_comes_before_the_shipped_one(monkeypatch
     assert load_job("mine").name == "mine"
     assert load_job("pvgg16").source == str(shipped("jobs") / "pvgg16.toml")  # not in ./jobs: the shipped one
     with pytest.raises(PctuneError, match=r"^unknown job 'nosuch'; known jobs: demo, mine \(in ./jobs\); "
-                                          r"demo, demo-robust, peffnetb0, pvgg16, pvgg16-robust \(shipped with pctune\)$"):
+                                          r"demo, demo-explain-sweep, demo-robust, peffnetb0, pvgg16, pvgg16-robust \(shipped with pctune\)$"):
         load_job("nosuch")
 
 
@@ -186,8 +186,9 @@ def test_the_checkout_links_to_the_shipped_folders():
         link = REPO_ROOT / folder
         assert link.is_symlink() and link.readlink() == Path("pctune") / folder
         assert link.resolve() == shipped(folder).resolve()
-        expected = {"jobs": ["demo-robust.toml", "demo.toml", "peffnetb0.toml", "pvgg16-robust.toml", "pvgg16.toml"],
-                    "search_spaces": ["demo.toml", "peffnetb0.toml", "pvgg16.toml"]}[folder]
+        expected = {"jobs": ["demo-explain-sweep.toml", "demo-robust.toml", "demo.toml", "peffnetb0.toml",
+                             "pvgg16-robust.toml", "pvgg16.toml"],
+                    "search_spaces": ["demo-sweep.toml", "demo.toml", "peffnetb0.toml", "pvgg16.toml"]}[folder]
         assert sorted(p.name for p in shipped(folder).glob("*.toml")) == expected
 
 

@@ -15,7 +15,7 @@ file each (:mod:`pctune.evaluate.shards`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,16 +90,22 @@ def layer_cams(payload: ExplainPayload, x: Tensor, labels: Tensor, timestep: int
     return cams.detach().cpu()
 
 
+def timestep_ious(payload: ExplainPayload, x: Tensor, labels: Tensor, objects: Tensor, valid: Tensor,
+                  timesteps: Iterable[int]) -> dict[int, Tensor]:
+    """IoU per image of the thresholded CAM at each of ``timesteps`` against the masks: the one rule of
+    the explain stage and of the search objective ``cam_iou``."""
+    return {t: iou(cam_regions(layer_cams(payload, x, labels, t), x.shape[-2:], payload.cam_threshold)[1],
+                   objects, valid) for t in timesteps}
+
+
 def run_shard(payload: ExplainPayload, shard: Shard) -> dict[str, Any]:
     """IoU per image at every timestep for one chunk at one noise level, and the seconds it took."""
     x = noisy(payload, shard.start, shard.stop, shard.sigma)
     labels = payload.labels[shard.start:shard.stop]
     objects, valid = payload.objects[shard.start:shard.stop], payload.valid[shard.start:shard.stop]
     began = time.perf_counter()
-    ious = {}
-    for t in range(payload.timesteps + 1):
-        _, regions = cam_regions(layer_cams(payload, x, labels, t), x.shape[-2:], payload.cam_threshold)
-        ious[str(t)] = iou(regions, objects, valid).tolist()
+    ious = {str(t): v.tolist() for t, v in timestep_ious(payload, x, labels, objects, valid,
+                                                           range(payload.timesteps + 1)).items()}
     return {"sigma": shard.sigma, "start": shard.start, "stop": shard.stop, "iou": ious,
             "seconds": time.perf_counter() - began}
 

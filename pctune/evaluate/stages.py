@@ -121,7 +121,7 @@ def run_explain(net: PredictiveNet, hparams: Hyperparameters, images: Images, se
     from pctune.evaluate import explain as ex
     from pctune.evaluate.explain_plots import plot_iou, plot_overlays, seeded_picks
 
-    payload = ex.ExplainPayload(net, hparams, *_masked_images(images, settings, net, log), images.mean, images.std,
+    payload = ex.ExplainPayload(net, hparams, *masked_images(images, settings, net, log), images.mean, images.std,
                                 settings.timesteps, settings.cam_threshold, settings.grad_mode, settings.seed)
     results = ex.run_all(payload, settings.sigmas, out, chunk=settings.chunk, use_ray=settings.use_ray, log=log)
     table = ex.iou_table(results, resamples=settings.resamples, seed=settings.seed)
@@ -139,9 +139,10 @@ def run_explain(net: PredictiveNet, hparams: Hyperparameters, images: Images, se
     return StageResult(table, metrics, artifacts, f"{brief}\nGrad-CAM: {cost * 1000:.1f} ms per image per timestep")
 
 
-def _masked_images(images: Images, settings: ExplainSettings, net: PredictiveNet, log: Log):
+def masked_images(images: Images, settings: ExplainSettings, net: PredictiveNet, log: Log):
     """(pixels, labels, objects, valid) of the images that have a mask: the digits' ink, or the
-    ImageNet-S masks matched to the val images by file name."""
+    ImageNet-S masks matched to the val images by file name (``images`` being the seeded subset of
+    ``settings.num_images`` from ``settings.seed``). The ``cam_iou`` search objective takes its images here too."""
     from pctune.evaluate.masks import imagenet_s_masks, ink_masks
 
     if settings.masks is None:
@@ -188,4 +189,4 @@ def evaluate_one(stage: str, net: PredictiveNet, hparams: Hyperparameters, data:
     return result
 
 
-__all__ = ["STAGE_SETTINGS", "StageResult", "evaluate_one", "run_stage", "stage_images"]
+__all__ = ["STAGE_SETTINGS", "StageResult", "evaluate_one", "masked_images", "run_stage", "stage_images"]

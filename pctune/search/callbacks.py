@@ -52,29 +52,32 @@ class EarlyStops(tune.Callback):
 class Progress(tune.Callback):
     """One line per finished trial: its score (or where the scheduler stopped it) and the best final
     score so far (among the configurations that meet a robust objective's constraints; a trial that
-    breaks one says so)."""
+    breaks one says so). ``metric`` and ``mode``: the objective's (``mean_ce``, "min" by default)."""
 
-    def __init__(self, stage: str, total: int) -> None:
-        self.stage, self.total, self.best = stage, total, math.inf
+    def __init__(self, stage: str, total: int, metric: str = METRIC, mode: str = "min") -> None:
+        self.stage, self.total, self.metric = stage, total, metric
+        self.better = min if mode == "min" else max
+        self.best = math.inf if mode == "min" else -math.inf
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        value = result.get(METRIC, math.nan)
+        value = result.get(self.metric, math.nan)
         others = [t.last_result for t in trials if t is not trial and t.status == "TERMINATED" and t.last_result]
-        finals = [r[METRIC] for r in [*others, result] if METRIC in r and is_final(r) and not r.get("diverged")
-                  and r.get("feasible", 1.0)]
-        self.best = min([self.best, *finals])  # restored trials count too
+        finals = [r[self.metric] for r in [*others, result] if self.metric in r and is_final(r)
+                  and not r.get("diverged") and r.get("feasible", 1.0)]
+        self.best = self.better([self.best, *finals])  # restored trials count too
         done = 1 + len(others)
         best = f"{self.best:.4f}" if math.isfinite(self.best) else "-"
         if not is_final(result):
             print(f"[{self.stage}] trial {done}/{self.total}  stopped at {int(result.get('num_images', 0))}/"
-                  f"{int(result.get('total_images', 0))} images  mean_ce {value:.4f}  best {best}", flush=True)
+                  f"{int(result.get('total_images', 0))} images  {self.metric} {value:.4f}  best {best}", flush=True)
             return
         last_t = max((int(k[len("accuracy_t"):]) for k in result if k.startswith("accuracy_t")), default=0)
         flag = "  DIVERGED" if result.get("diverged") else "  INFEASIBLE" if not result.get("feasible", 1.0) else ""
-        print(f"[{self.stage}] trial {done}/{self.total}  mean_ce {value:.4f}  "
+        ce = "" if self.metric == METRIC else f"  mean_ce {result.get(METRIC, math.nan):.4f}"
+        print(f"[{self.stage}] trial {done}/{self.total}  {self.metric} {value:.4f}{ce}  "
               f"acc_t{last_t} {result.get(f'accuracy_t{last_t}', math.nan):.3f}  best {best}  "
-              f"({result.get('eval_seconds', math.nan):.2f}s){flag}", flush=True)
+              f"({result.get('eval_seconds', math.nan) + result.get('cam_seconds', 0.0):.2f}s){flag}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         print(f"[{self.stage}] trial {trial.trial_id} was lost (its worker or node died); retrying it "

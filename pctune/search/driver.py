@@ -2,7 +2,8 @@
 
 ``run_search`` prepares the search once (:mod:`pctune.search.prepare`), puts the model and the noisy
 images into Ray's object store, scores the reference points and runs one Tune experiment (strategy
-"joint") or one per pcoder ("per-pcoder"), writing into the run directory (:mod:`pctune.search.rundir`).
+"joint") or one per pcoder ("per-pcoder", "single-pcoder-grid": :mod:`pctune.search.grid`), writing into the
+run directory (:mod:`pctune.search.rundir`).
 ``--resume`` restores every unfinished experiment with ``Tuner.restore`` (finished trials are kept,
 unfinished ones rerun) and skips finished stages.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,9 @@ from pctune import interrupts
 from pctune.errors import Interrupted, PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, StateSnapshots
+from pctune.search.cam import cam_objective
+from pctune.search.grid import GRID_STRATEGY, make_grid_searcher
 from pctune.search.job import Job
-from pctune.search.objective import METRIC, MODE
 from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_paths, prepare
 from pctune.search.rundir import COMBINATION, JOB, MARKER, REFERENCES, RunDir, Trial, load_trials
 from pctune.search.samplers import make_sampler
@@ -96,7 +100,7 @@ def trial_setup(prep: Prepared) -> TrialPayload:
     import ray
 
     state = state_arrays(prep.net)
-    data = {"images": prep.images, "labels": prep.labels}
+    data = {"images": prep.images, "labels": prep.labels, **prep.masks}
     if prep.conditions:  # a robust objective: every condition's images (the first's are `images`)
         data = {"labels": prep.labels, **{f"images/{name}": images for name, images in prep.conditions.items()}}
     search = prep.job.search
@@ -106,7 +110,7 @@ def trial_setup(prep: Prepared) -> TrialPayload:
                       penalty=prep.penalty, checkpoint=search.scheduler == "hyperband", cache_gb=search.cache_gb,
                       report_at=tuple(report_points(len(prep.labels), search.scheduler, search.grace_images,
                                                     search.reduction_factor)),
-                      robust=prep.job.objective.robust(prep.job.source))
+                      robust=prep.job.objective.robust(prep.job.source), cam=cam_objective(prep.job))
 
 
 def evaluate_points(setup: TrialPayload, points: dict[str, Hyperparameters], resources: dict) -> dict[str, dict]:
@@ -137,13 +141,15 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
     check_ray_version(log)
     setup = trial_setup(prep)
     run_dir.write_json(JOB, _job_record(prep))
-    log(f"search: {job.name} ({job.search.strategy}, sampler {job.search.sampler}, {job.search.num_samples} "
-        f"trials{' per pcoder' if job.search.strategy == 'per-pcoder' else ''}, "
-        f"{job.search.max_concurrent_trials} at a time) on {len(prep.labels)} images; results in {run_dir.path}")
+    log(f"search: {job.name} ({_plan(prep)}, {job.search.max_concurrent_trials} at a time) on "
+        f"{len(prep.labels)} images; results in {run_dir.path}")
     score_references(prep, setup, run_dir, log)
     try:
         if job.search.strategy == "joint":
-            _run_stage(prep, setup, "joint", prep.space, prep.starting_points, log, callbacks)
+            _run_stage(prep, setup, "joint", functools.partial(make_searcher, job, prep.space, prep.starting_points),
+                       job.search.num_samples, log, callbacks)
+        elif job.search.strategy == GRID_STRATEGY:
+            _single_pcoder_grid(prep, setup, log, callbacks)
         else:
             _per_pcoder(prep, setup, run_dir, log, callbacks)
     except SearchInterrupted:
@@ -151,6 +157,17 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
             write_results(job, log=log)  # what finished so far
         raise
     return write_results(job, log=log)
+
+
+def _plan(prep: Prepared) -> str:
+    """What the search runs, for its first line."""
+    search, (metric, mode) = prep.job.search, prep.job.objective.goal()
+    goal = "" if metric == "mean_ce" else f", {mode}imize {metric}"
+    if search.strategy == GRID_STRATEGY:
+        sizes = "+".join(str(len(g.points)) for g in prep.grids)
+        return f"{search.strategy}, {sizes} trials: a grid per pcoder, the others feedforward{goal}"
+    per = " per pcoder" if search.strategy == "per-pcoder" else ""
+    return f"{search.strategy}, sampler {search.sampler}, {search.num_samples} trials{per}{goal}"
 
 
 def _claim_run_dir(job: Job, run_dir: RunDir, log: Log) -> None:
@@ -194,29 +211,36 @@ def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: 
     start = time.perf_counter()
     refs = evaluate_points(setup, points, prep.job.search.resources)
     for name, ref in refs.items():
-        log(f"reference {name:12s} mean_ce {ref['metrics'][METRIC]:.4f}")
+        log(f"reference {name:12s} {_scores(prep.job, ref['metrics'])}")
     log(f"references scored in {time.perf_counter() - start:.1f}s")
     run_dir.write_json(REFERENCES, refs)
     return refs
 
 
-def _tuner(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpace, points: list[StartingPoint],
+def _scores(job: Job, metrics: dict) -> str:
+    """``mean_ce 0.4923``, or the objective's score first: ``cam_iou 0.2280  mean_ce 0.4923``."""
+    metric = job.objective.goal()[0]
+    first = "" if metric == "mean_ce" else f"{metric} {metrics.get(metric, float('nan')):.4f}  "
+    return f"{first}mean_ce {metrics['mean_ce']:.4f}"
+
+
+def _tuner(prep: Prepared, setup: TrialPayload, stage: str, searcher, num_samples: int,
            callbacks: list | None) -> tune.Tuner:
-    """A new Tune experiment for ``stage``."""
+    """A new Tune experiment for ``stage``: ``num_samples`` trials proposed by ``searcher``."""
     job = prep.job
-    searcher = make_searcher(job, space, points)
+    metric, mode = job.objective.goal()
     scheduler = make_scheduler(job.search.scheduler, job.run_dir / stage, len(prep.labels), job.search.grace_images,
-                               job.search.reduction_factor)
+                               job.search.reduction_factor, metric, mode)
     # HyperBand pauses trials; paused trials would hold Tune's concurrency slots and its brackets would
     # wait for them forever, so under HyperBand the cluster's resources alone limit concurrency.
     concurrent = None if job.search.scheduler == "hyperband" else job.search.max_concurrent_trials
     return tune.Tuner(
         _trainable(job, setup),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=job.search.num_samples,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=stage, storage_path=str(job.run_dir), verbose=1 if job.run.verbose else 0,
                                   callbacks=[JsonLoggerCallback(), EarlyStops(job.run_dir / stage),
-                                             Progress(stage, job.search.num_samples),
+                                             Progress(stage, num_samples, metric, mode),
                                              StateSnapshots(job.run_dir / stage), *(callbacks or [])],
                                   failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
     )
@@ -228,8 +252,7 @@ def make_searcher(job: Job, space: SearchSpace, points: list[StartingPoint]):
     constraints reach the sampler's ``constraints_func``; a Pareto search has one objective per condition."""
     robust = job.objective.robust(job.source)
     sampler = make_sampler(job.search.sampler, job.search.seed, job.search.max_concurrent_trials, job.source)
-    objectives = robust.objectives if robust else [METRIC]
-    metric, mode = (objectives, [MODE] * len(objectives)) if len(objectives) > 1 else (METRIC, MODE)
+    metric, mode = job.objective.tune_targets(job.source)
     searcher = FidelityOptunaSearch(space=SpaceSampler(space), metric=metric, mode=mode, sampler=sampler,
                                     points_to_evaluate=[p.coords for p in points] or None)
     searcher.constraint_keys = tuple(robust.constraint_keys if robust else ())
@@ -241,8 +264,9 @@ def _trainable(job: Job, setup: TrialPayload):
                                {"cpu": job.search.resources["cpu"], "gpu": job.search.resources["gpu"]})
 
 
-def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpace,
-               points: list[StartingPoint], log: Log, callbacks: list | None = None) -> None:
+def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callable[[], Any], num_samples: int,
+               log: Log, callbacks: list | None = None) -> None:
+    """Run (or restore and finish) the Tune experiment ``stage``: ``num_samples`` trials from ``searcher()``."""
     job = prep.job
     exp_dir = job.run_dir / stage
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save state after every event: resume loses nothing
@@ -253,24 +277,24 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, space: SearchSpa
         setup = dataclasses.replace(setup, replay=_reported_results(before))
         repair(exp_dir, log)
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
-        if _stage_finished(before, job.search.num_samples):
+        if _stage_finished(before, num_samples):
             log(f"[{stage}] already finished")
             return
         log(f"[{stage}] restoring {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(job, setup), resume_unfinished=True,
                                    resume_errored=False)
     else:
-        tuner = _tuner(prep, setup, stage, space, points, callbacks)
+        tuner = _tuner(prep, setup, stage, searcher(), num_samples, callbacks)
     start = time.perf_counter()
     grid = tuner.fit()
     after = load_trials(exp_dir)
     done = sum(1 for t in after if t.finished)
-    missing = job.search.num_samples - done
+    missing = num_samples - done
     log(f"[{stage}] {done} trials in {time.perf_counter() - start:.1f}s"
         + (f", {grid.num_errors} errored" if grid.num_errors else "")
-        + (f" ({missing} of {job.search.num_samples} not finished)" if missing > 0 else ""))
-    if not _stage_finished(after, job.search.num_samples) and grid.num_errors == 0:
-        raise SearchInterrupted(f"the search of {job.name} stopped after {done} of {job.search.num_samples} trials "
+        + (f" ({missing} of {num_samples} not finished)" if missing > 0 else ""))
+    if not _stage_finished(after, num_samples) and grid.num_errors == 0:
+        raise SearchInterrupted(f"the search of {job.name} stopped after {done} of {num_samples} trials "
                                 f"({stage})", f"pctune search {_job_ref(job)} --resume")
 
 
@@ -286,7 +310,8 @@ def _job_ref(job: Job) -> str:
 
 
 _OWN_METRIC = re.compile(r"^(mean_ce|diverged|ce_t\d+|accuracy_t\d+|recon_error_pc\d+(_t\d+)?|num_images|"
-                         r"eval_seconds|model_loads|gpu|total_images|final|t0_cached)$")
+                         r"eval_seconds|model_loads|gpu|total_images|final|t0_cached|cam_iou(_t\d+|_rel)?|"
+                         r"cam_seconds)$")
 
 
 def _reported_results(trials: list[Trial]) -> dict[str, dict[str, float]]:
@@ -312,18 +337,28 @@ def _per_pcoder(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log, 
             coords, _ = space.encode(Hyperparameters(*zip(*mixed, strict=True)), label=point.label)
             points.append(StartingPoint(point.label, space.decode(coords), coords))
         stage = f"pcoder{n}"
-        _run_stage(prep, setup, stage, space, _unique(points), log, callbacks)
+        _run_stage(prep, setup, stage, functools.partial(make_searcher, prep.job, space, _unique(points)),
+                   prep.job.search.num_samples, log, callbacks)
         best = run_dir.best(stage)
         if best is None:
             raise PctuneError(f"[{stage}] no trial finished without diverging")
         winners.append(best.hparams.triples()[n - 1])
         log(f"[{stage}] winner beta={winners[-1][0]:.4g} lambda={winners[-1][1]:.4g} alpha={winners[-1][2]:.4g} "
-            f"(mean_ce {best.mean_ce:.4f})")
+            f"({_scores(prep.job, best.metrics)})")
     combined = Hyperparameters(*(list(col) for col in zip(*winners, strict=True)))
     if run_dir.read_json(COMBINATION) is None:
         result = evaluate_points(setup, {"combination": combined}, prep.job.search.resources)["combination"]
         run_dir.write_json(COMBINATION, result)
-        log(f"combination of the per-pcoder winners: mean_ce {result['metrics'][METRIC]:.4f}")
+        log(f"combination of the per-pcoder winners: {_scores(prep.job, result['metrics'])}")
+
+
+def _single_pcoder_grid(prep: Prepared, setup: TrialPayload, log: Log, callbacks: list | None = None) -> None:
+    """One exhaustive Tune experiment per pcoder over its grid, the other pcoders feedforward. There is
+    no combination: each trial is one point of the sweep (:mod:`pctune.search.grid`)."""
+    for grid in prep.grids:
+        log(f"[{grid.stage}] {grid.describe()}")
+        _run_stage(prep, setup, grid.stage, functools.partial(make_grid_searcher, prep.job, grid), len(grid.points),
+                   log, callbacks)
 
 
 def _unique(points: list[StartingPoint]) -> list[StartingPoint]:
@@ -338,10 +373,11 @@ def _unique(points: list[StartingPoint]) -> list[StartingPoint]:
 
 def _job_record(prep: Prepared) -> dict:
     job = prep.job
+    metric, mode = job.objective.goal()  # what RunDir.goal reads back: the ranking's metric and direction
     return {"name": job.name, "source": str(Path(job.source).resolve()), "model": prep.spec.name,
             "num_pcoders": prep.net.num_pcoders, "space": str(job.space_path.resolve()),
             "space_description": prep.space.describe(), "strategy": job.search.strategy,
-            "metric": METRIC, "mode": MODE, "penalty": prep.penalty, "num_images": len(prep.labels),
+            "metric": metric, "mode": mode, "penalty": prep.penalty, "num_images": len(prep.labels),
             "unreadable_images": prep.unreadable,
             "starting_points": [{"label": p.label, "config": hparams_to_config(p.hparams)}
                                 for p in prep.starting_points],

@@ -28,12 +28,15 @@ from pctune.evaluate.settings import (
 )
 from pctune.models.spec import read_toml
 from pctune.schema import at_least, convert, error, no_unknown, read_table
+from pctune.search.cam import check_cam_objective
 from pctune.search.conditions import RobustObjective, read_robust
+from pctune.search.grid import GRID_STRATEGY, GridSpec, check_grid_search, read_grid
 from pctune.search.locate import REPO_ROOT, resolve_job_path, resolve_space_path  # noqa: F401 (re-exported)
+from pctune.search.objective import CAM_TIMESTEPS, OBJECTIVES
 from pctune.search.samplers import CONSTRAINED, MULTI_OBJECTIVE, SAMPLERS
 from pctune.search.schedulers import SCHEDULERS
 
-STRATEGIES = ("joint", "per-pcoder")
+STRATEGIES = ("joint", "per-pcoder", GRID_STRATEGY)
 DATA_SOURCES = ("imagenet-val", "digits")
 IF_EXISTS = ("error", "overwrite")
 PROMOTION_STAGES = tuple(STAGE_SETTINGS)  # compatibility: the stage names are STAGE_SETTINGS's keys
@@ -78,10 +81,28 @@ class ObjectiveConfig:
     combine: str = "aggregate"  # "aggregate" | "constraints" | "pareto"
     constraints: list[Any] = field(default_factory=list)  # [[objective.constraints]] tables
     pareto: list[str] = field(default_factory=list)  # combine = "pareto": 2 or 3 condition names
+    # What is optimized (OBJECTIVES): the paper's "cross_entropy", or "cam_iou": the Grad-CAM IoU against
+    # object masks at t = T ("last") or averaged over t = 1..T ("mean"), maximized; masks, thresholds and
+    # the gradient mode are the explain stage's ([promotion.explain])
+    kind: str = "cross_entropy"
+    cam_timesteps: str = "last"
 
     def robust(self, source: str = "<job>") -> RobustObjective | None:
         """The parsed conditions (None: the paper's single condition)."""
         return read_robust(self.conditions, self.combine, self.constraints, self.pareto, self.timesteps, source)
+
+    def goal(self) -> tuple[str, str]:
+        """THE metric a search of this objective optimizes and its direction: ``("mean_ce", "min")`` or
+        ``("cam_iou", "max")``. The Tune searcher, the ranking, the leaderboard, the progress lines and
+        the MLflow champion all follow it (through job.json's ``metric`` and ``mode``)."""
+        return OBJECTIVES[self.kind]
+
+    def tune_targets(self, source: str = "<job>") -> tuple[str | list[str], str | list[str]]:
+        """The metric(s) and mode(s) the Tune searcher gets: :meth:`goal`, or a Pareto search's objectives."""
+        robust = self.robust(source)
+        if robust is not None and len(robust.objectives) > 1:
+            return robust.objectives, ["min"] * len(robust.objectives)
+        return self.goal()
 
 
 @dataclass
@@ -91,8 +112,9 @@ class SearchConfig:
     num_samples: int = 100
     max_concurrent_trials: int = 1
     seed: int = 0
-    strategy: str = "joint"
+    strategy: str = "joint"  # "joint" | "per-pcoder" | "single-pcoder-grid" (pctune.search.grid)
     defaults: str = "default"  # per-pcoder: the model preset the other pcoders stay at
+    grid: GridSpec | None = None  # single-pcoder-grid: { beta = [...], lambda = [...], points = N }
     starting_points: list[Any] = field(default_factory=lambda: ["default"])
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
     # Multi-fidelity over images (pctune.search.schedulers): "fifo" scores every trial on every image;
@@ -254,6 +276,7 @@ def job_from_mapping(data: Mapping[str, Any], source: str = "<job>", name: str =
         raise PctuneError(f"{source}: data.path: the ImageNet validation folder is required "
                           "(or pass --data PATH)")
     _check_robust_search(job, source)
+    check_cam_objective(job, source)
     return job
 
 
@@ -312,13 +335,19 @@ def _objective(table: Any, source: str) -> ObjectiveConfig:
     at_least(cfg.sigma, 0, source, "objective.sigma")
     at_least(cfg.timesteps, 1, source, "objective.timesteps", " (the score averages t = 1..T)")
     at_least(cfg.batch_size, 1, source, "objective.batch_size")
+    if cfg.kind not in OBJECTIVES:
+        raise error(source, "objective.kind", f"unknown kind {cfg.kind!r} ({', '.join(OBJECTIVES)})")
+    if cfg.cam_timesteps not in CAM_TIMESTEPS:
+        raise error(source, "objective.cam_timesteps", f"must be one of {', '.join(CAM_TIMESTEPS)}, "
+                    f"got {cfg.cam_timesteps!r}")
     cfg.robust(source)  # checks the conditions, the combination and the constraints
     return cfg
 
 
 def _search(table: Any, source: str) -> SearchConfig:
     cfg = read_table(SearchConfig, table, source, "search",
-                     readers={"resources": lambda value, where: _resources(value, source, where)})
+                     readers={"resources": lambda value, where: _resources(value, source, where),
+                              "grid": lambda value, where: read_grid(value, source, where)})
     if cfg.sampler not in SAMPLERS:
         raise error(source, "search.sampler", f"unknown sampler {cfg.sampler!r} ({', '.join(SAMPLERS)})")
     if cfg.strategy not in STRATEGIES:
@@ -334,6 +363,7 @@ def _search(table: Any, source: str) -> SearchConfig:
     for i, point in enumerate(cfg.starting_points, start=1):
         if not isinstance(point, str | Mapping):
             raise error(source, f"search.starting_points[{i}]", f"expected a preset name or a table, got {point!r}")
+    check_grid_search(cfg, table, source)
     return cfg
 
 

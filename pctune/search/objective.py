@@ -22,6 +22,11 @@ from pctune.pc.network import PredictiveNet
 
 METRIC = "mean_ce"
 MODE = "min"
+#: ``objective.kind`` -> (the metric a search of it optimizes, "min" | "max"): the paper's cross-entropy,
+#: or the Grad-CAM IoU against object masks (:mod:`pctune.search.cam`)
+OBJECTIVES = {"cross_entropy": (METRIC, MODE), "cam_iou": ("cam_iou", "max")}
+#: ``objective.cam_timesteps``: the IoU at t = T, or its mean over t = 1..T
+CAM_TIMESTEPS = ("last", "mean")
 
 #: ``starts(index, x)``: the precomputed timestep 0 of the batch of ``x`` starting at image ``index``, or None.
 StartFn = Callable[[int, Tensor], object | None]

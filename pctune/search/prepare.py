@@ -15,6 +15,7 @@ from pctune.errors import PctuneError
 from pctune.models.spec import ModelSpec
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
+from pctune.search.grid import GRID_STRATEGY, PcoderGrid, pcoder_grids
 from pctune.search.job import Job
 from pctune.search.objective import default_penalty
 from pctune.search.space import SearchSpace, load_space
@@ -50,6 +51,9 @@ class Prepared:
     # a robust objective (objective.conditions): condition name -> its images, in the order of `labels`;
     # `images` is then the first condition's
     conditions: dict[str, np.ndarray] = field(default_factory=dict)
+    # objective.kind = "cam_iou": the object masks of `images` ("objects", "valid": [N, H, W] bool)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    grids: list[PcoderGrid] = field(default_factory=list)  # strategy "single-pcoder-grid": one per pcoder
 
 
 def load_job_model(job: Job, log: Log = _print) -> tuple[ModelSpec, PredictiveNet]:
@@ -196,8 +200,42 @@ def check_paths(job: Job) -> None:
 def evaluation_order(images: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The images in the fixed seeded order every trial scores them in. A folder's subset comes sorted
     by class; shuffled, the first images a trial sees (all a trial stopped early sees) are a fair sample."""
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed))).numpy()
+    order = seeded_order(len(labels), seed)
     return np.ascontiguousarray(images[order]), labels[order]
+
+
+def seeded_order(count: int, seed: int) -> np.ndarray:
+    """The permutation of :func:`evaluation_order`."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(int(seed))).numpy()
+
+
+def cam_images(job: Job, spec: ModelSpec, net: PredictiveNet, log: Log
+               ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A ``cam_iou`` search's noisy images, labels and object masks, in the evaluation order: the seeded
+    subset's images that have a mask, by the explain stage's rule ([promotion.explain]: the digits'
+    ink, or ImageNet-S PNGs matched by file name), with the objective's noise in normalized space. An image
+    of a folder that cannot be decoded is an error here (its mask would be matched to the wrong image)."""
+    from dataclasses import replace
+
+    from pctune.data.noise import add_gaussian_noise
+    from pctune.evaluate.images import clean_images
+    from pctune.evaluate.stages import masked_images
+
+    data = job.data
+    size = data.image_size or spec.input_size[-1]
+    if data.source != "digits" and size != spec.input_size[-1]:  # the masks are cropped at the model's size
+        raise PctuneError(f"{job.source}: data.image_size: objective.kind = 'cam_iou' on an image folder takes the "
+                          f"model's input size ({spec.input_size[-1]}), got {size}")
+    images = clean_images(data.source, data.path, (spec.input_size[0], size, size), data.num_images, data.seed,
+                          data.workers)
+    settings = replace(job.promotion.settings["explain"], num_images=data.num_images, seed=data.seed)
+    pixels, labels, objects, valid = masked_images(images, settings, net, log)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (images.mean, images.std))
+    seed = job.objective.noise_seed if job.objective.noise_seed is not None else data.seed
+    noisy = add_gaussian_noise(((pixels - mean) / std).float(), job.objective.sigma, seed)
+    order = seeded_order(len(labels), data.seed)
+    masks = {"objects": objects.numpy()[order], "valid": valid.numpy()[order]}
+    return np.ascontiguousarray(noisy.numpy()[order]), labels.to(torch.int64).numpy()[order], masks
 
 
 def prepare(job: Job, log: Log = _print) -> Prepared:
@@ -206,7 +244,8 @@ def prepare(job: Job, log: Log = _print) -> Prepared:
     spec, net = load_job_model(job, log)
     space_path = job.space_path
     space = load_space(space_path, net.num_pcoders)
-    points = starting_points(job, net, space)
+    grid = job.search.strategy == GRID_STRATEGY
+    points = [] if grid else starting_points(job, net, space)  # a grid sweep runs its grid only
     for point in points:
         for note in point.notes:
             log(f"note: {note}")
@@ -215,17 +254,20 @@ def prepare(job: Job, log: Log = _print) -> Prepared:
         if space.shared:
             raise PctuneError(f"{job.source}: search.strategy = 'per-pcoder' needs a space with shared = false "
                               f"({space_path})")
+    grids = pcoder_grids(space, job.search.grid, f"{job.source}: search.grid") if grid else []
     num_classes = check_classes(job, net)
     unreadable: list[str] = []
-    conditions = {}
+    conditions, masks = {}, {}
     if job.objective.robust(job.source):
         sets, clean_labels = condition_images(job, spec, unreadable)
         for name, condition in sets.items():  # one seeded order: the same for every condition
             conditions[name], labels = evaluation_order(condition, clean_labels, job.data.seed)
         images = next(iter(conditions.values()))
+    elif job.objective.kind == "cam_iou":
+        images, labels, masks = cam_images(job, spec, net, log)
     else:
         images, labels = evaluation_order(*noisy_images(job, spec, unreadable), job.data.seed)
     if unreadable:
         log(f"warning: {len(unreadable)} unreadable images skipped (listed in job.json), e.g. {unreadable[0]}")
     penalty = job.objective.divergence_penalty or default_penalty(num_classes)
-    return Prepared(job, spec, net, space, points, images, labels, penalty, unreadable, conditions)
+    return Prepared(job, spec, net, space, points, images, labels, penalty, unreadable, conditions, masks, grids)

@@ -12,16 +12,22 @@ import pandas as pd
 
 from pctune.errors import PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
+from pctune.search.grid import GRID_STRATEGY
 from pctune.search.job import Job
-from pctune.search.objective import METRIC
+from pctune.search.objective import METRIC, MODE
 from pctune.search.rundir import BEST, LEADERBOARD, Entry, RunDir, front_members, load_trials, rank
 
 __all__ = ["best_toml", "leaderboard", "load_trials", "row_hparams", "summary_table", "write_results"]
 
 
+#: the cam_iou objective's columns, first when present (:mod:`pctune.search.cam`)
+_CAM_COLUMNS = ("cam_iou", "cam_iou_t0", "cam_iou_rel")
+
+
 def _row(entry: Entry, timesteps: int) -> dict[str, Any]:
     metrics = entry.metrics
-    row = {"kind": entry.kind, "name": entry.name, METRIC: metrics.get(METRIC, math.nan),
+    cam = {k: float(metrics[k]) for k in _CAM_COLUMNS if k in metrics}
+    row = {"kind": entry.kind, "name": entry.name, **cam, METRIC: metrics.get(METRIC, math.nan),
            "acc_t0": metrics.get("accuracy_t0", math.nan),
            f"acc_t{timesteps}": metrics.get(f"accuracy_t{timesteps}", math.nan),
            "ce_t0": metrics.get("ce_t0", math.nan), "diverged": entry.diverged,
@@ -43,15 +49,17 @@ def leaderboard(job: Job) -> pd.DataFrame:
     diverged points and trials stopped early, which never win)."""
     run_dir = RunDir(job.run_dir)
     run_dir.require_search(job.name)
-    return _leaderboard(run_dir.entries(), run_dir.timesteps, run_dir.front())
+    return _leaderboard(run_dir.entries(), run_dir.timesteps, run_dir.front(), run_dir.goal())
 
 
-def _leaderboard(entries: list[Entry], timesteps: int, front: list[str] | None = None) -> pd.DataFrame:
-    """Entries by score (a Pareto search: its ranking first, the front marked), stopped ones last."""
-    ranking = rank(entries, front or ())
+def _leaderboard(entries: list[Entry], timesteps: int, front: list[str] | None = None,
+                 goal: tuple[str, str] = (METRIC, MODE)) -> pd.DataFrame:
+    """Entries by score, best first (a Pareto search: its ranking first, the front marked), stopped ones last."""
+    ranking = rank(entries, front or (), goal)
     ranked = {id(e): i for i, e in enumerate(ranking, start=1)}
+    metric, sign = goal[0], (1.0 if goal[1] == "min" else -1.0)
     order = sorted(entries, key=lambda e: (not e.full_fidelity, ranked.get(id(e), math.inf) if front else 0,
-                                           e.mean_ce if math.isfinite(e.mean_ce) else math.inf))
+                                           sign * e.score(metric) if math.isfinite(e.score(metric)) else math.inf))
     on_front = front_members(entries, front or ())
     rows = [{"rank": ranked.get(id(e)), **_row(e, timesteps), **({"pareto_front": id(e) in on_front} if front else {})}
             for e in order]
@@ -69,13 +77,19 @@ def row_hparams(row: pd.Series) -> Hyperparameters:
 
 def best_toml(job: Job, best: Entry, model: str) -> str:
     robust = job.objective.robust(job.source)
+    metric = job.objective.goal()[0]
     scored = (f"chosen by the rule: {robust.champion_rule()}" if robust else
-              "mean cross-entropy over t = 1..T on the noisy subset; lower is better")
+              "mean cross-entropy over t = 1..T on the noisy subset; lower is better" if metric == METRIC else
+              f"Grad-CAM IoU against the object masks, {_cam_when(job)}, on the noisy subset; higher is better")
     header = [f"# Best hyperparameters of search job {job.name!r} ({best.kind} {best.name}):",
-              f"# mean_ce = {best.mean_ce:.6g} ({scored}).",
+              f"# {metric} = {best.score(metric):.6g} ({scored}).",
               "# Load with Hyperparameters.from_mapping(tomllib.load(f)).",
               f'model = "{model}"', ""]
     return "\n".join(header) + best.hparams.to_toml()
+
+
+def _cam_when(job: Job) -> str:
+    return "at t = T" if job.objective.cam_timesteps == "last" else "averaged over t = 1..T"
 
 
 def summary_table(frame: pd.DataFrame, timesteps: int) -> pd.DataFrame:
@@ -89,7 +103,7 @@ def summary_table(frame: pd.DataFrame, timesteps: int) -> pd.DataFrame:
         match = refs[refs["name"] == name]
         if not match.empty:
             rows.append((f"{name} (reference)", match.iloc[0]))
-    cols = [METRIC, "ce_t0", "acc_t0", f"acc_t{timesteps}"]
+    cols = [*(c for c in _CAM_COLUMNS if c in frame), METRIC, "ce_t0", "acc_t0", f"acc_t{timesteps}"]
     return pd.DataFrame([{"configuration": label, **{c: r[c] for c in cols}} for label, r in rows])
 
 
@@ -100,8 +114,8 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
     record = run_dir.job_record()
     timesteps = int(record["job"]["objective"]["timesteps"])
     entries = run_dir.entries()  # read once: the leaderboard and the best come from the same entries
-    front = run_dir.front()
-    frame = _leaderboard(entries, timesteps, front)
+    front, goal = run_dir.front(), run_dir.goal()
+    frame = _leaderboard(entries, timesteps, front, goal)
     if frame.empty:
         raise PctuneError(f"{run_dir.path}: no finished trials yet")
     frame.to_csv(run_dir / LEADERBOARD, index=False)
@@ -120,7 +134,7 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
         log(summary.to_string(index=False))
     out = {"run_dir": str(run_dir.path), "leaderboard": str(run_dir / LEADERBOARD), "trials": trials,
            "summary": summary.to_dict("records")}
-    best = next(iter(rank(entries, front)), None)
+    best = next(iter(rank(entries, front, goal)), None)
     if best is None:
         log("\nno configuration to recommend: every finished trial diverged, was stopped early or broke a "
             "constraint")
@@ -130,8 +144,12 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
         for n, (b, lam, a) in enumerate(best.hparams.triples(), start=1):
             log(f"  pcoder{n}: beta={b:.4f} lambda={lam:.4f} alpha={a:.4g}")
         log(f"written: {run_dir / LEADERBOARD}, {run_dir / BEST}")
-        out.update(best=best.mean_ce, best_toml=str(run_dir / BEST), best_hparams=best.hparams.to_mapping(),
+        out.update(best=best.score(goal[0]), best_toml=str(run_dir / BEST), best_hparams=best.hparams.to_mapping(),
                    best_key=best.key)
-    refs = frame[frame["kind"] == "reference"].set_index("name")[METRIC].to_dict()
+    refs = frame[frame["kind"] == "reference"].set_index("name")[goal[0]].to_dict()
     out["references"] = {k: float(v) for k, v in refs.items()}
+    if record.get("strategy") == GRID_STRATEGY:
+        from pctune.search.sweep import write_sweep
+
+        out["sweep"] = [str(p) for p in write_sweep(run_dir, log)]
     return out

@@ -5,8 +5,9 @@ Layout of ``<storage_path>/<job name>`` (default ``./pctune_runs/<job>``):
     job.json            the resolved job (model, space, data) as the search ran it
     references.json     scores of the feedforward baseline and the model's presets
     joint/              Ray Tune experiment (strategy "joint")
-    pcoder1/ ...        one Ray Tune experiment per pcoder (strategy "per-pcoder")
+    pcoder1/ ...        one Ray Tune experiment per pcoder (strategies "per-pcoder", "single-pcoder-grid")
     combination.json    per-pcoder: the combined winners and their score
+    sweep.csv, sweep.png      single-pcoder-grid: every grid point's score, and the heatmaps per pcoder
     .STAGE.early-stops.json   trials a scheduler (asha, hyperband) stopped before their last image
     tracking.json       the search's MLflow identity (search id, tracking URI, experiment)
     leaderboard.csv, best.toml   written by ``pctune results`` (and at the end of a search)
@@ -32,7 +33,7 @@ from typing import Any
 from pctune.errors import PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.conditions import pareto_front
-from pctune.search.objective import METRIC
+from pctune.search.objective import METRIC, MODE
 from pctune.utils import atomic_write_json, atomic_write_text
 
 JOB = "job.json"
@@ -41,6 +42,8 @@ COMBINATION = "combination.json"
 TRACKING = "tracking.json"
 LEADERBOARD = "leaderboard.csv"
 BEST = "best.toml"
+SWEEP_CSV = "sweep.csv"
+SWEEP_PNG = "sweep.png"
 PROMOTION = "promotion"
 MARKER = ".pctune-run"  # written when pctune creates a run directory: only such a folder is ever removed
 
@@ -84,6 +87,10 @@ class Entry:
     @property
     def mean_ce(self) -> float:
         return float(self.metrics.get(METRIC, math.nan))
+
+    def score(self, metric: str = METRIC) -> float:
+        """The value of ``metric`` (the objective's: :meth:`RunDir.goal`), NaN when absent."""
+        return float(self.metrics.get(metric, math.nan))
 
     @property
     def diverged(self) -> bool:
@@ -212,7 +219,7 @@ class RunDir:
         if (self.path / MARKER).is_file():
             return True
         names = {p.name for p in self.path.iterdir()}
-        own = {JOB, REFERENCES, COMBINATION, TRACKING, LEADERBOARD, BEST, PROMOTION, "summary"}
+        own = {JOB, REFERENCES, COMBINATION, TRACKING, LEADERBOARD, BEST, PROMOTION, SWEEP_CSV, SWEEP_PNG, "summary"}
         return JOB in names and all(n in own or _STAGE_DIR.match(n) or _OWN_HIDDEN.match(n) for n in names)
 
     # -- the job record -----------------------------------------------------------------------------
@@ -229,6 +236,12 @@ class RunDir:
     @property
     def timesteps(self) -> int:
         return int(self.job_record()["job"]["objective"]["timesteps"])
+
+    def goal(self) -> tuple[str, str]:
+        """The metric the search optimized and its direction, as its job.json records them
+        (``ObjectiveConfig.goal``; searches from before ``cam_iou``: ``("mean_ce", "min")``)."""
+        record = self.job_record()
+        return str(record.get("metric", METRIC)), str(record.get("mode", MODE))
 
     # -- files ----------------------------------------------------------------------------------------
     def read_json(self, name: str) -> Any:
@@ -291,7 +304,7 @@ class RunDir:
     def ranking(self, stage: str | None = None) -> list[Entry]:
         """THE ranking (:func:`rank`) of this run directory's entries; with ``stage``, of the trials of
         that Tune experiment only (a per-pcoder stage's winner)."""
-        return rank(self.entries(stage), self.front())
+        return rank(self.entries(stage), self.front(), self.goal())
 
     def front(self) -> list[str]:
         """The objectives of a Pareto search (``mean_ce_<condition>``), else none."""
@@ -304,14 +317,16 @@ class RunDir:
         return next(iter(self.ranking(stage)), None)
 
 
-def rank(entries: list[Entry], front: Sequence[str] = ()) -> list[Entry]:
+def rank(entries: list[Entry], front: Sequence[str] = (), goal: tuple[str, str] = (METRIC, MODE)) -> list[Entry]:
     """THE ranking: the searched configurations among ``entries`` (trials and the per-pcoder
     combination; never a reference, never a diverged point, never a trial stopped before its last
-    image, never one that breaks the objective's constraints), best score first; ties keep their order.
-    With ``front`` (a Pareto search's objectives), the Pareto front of the ranked ones comes first, by
-    the first objective, then the others by the first objective."""
+    image, never one that breaks the objective's constraints), best score first (``goal``: the metric
+    and "min" or "max", :meth:`RunDir.goal`); ties keep their order. With ``front`` (a Pareto search's
+    objectives), the Pareto front of the ranked ones comes first, by the first objective, then the
+    others by the first objective."""
     if not front:
-        return sorted(_rankable(entries), key=lambda e: e.mean_ce)
+        metric, sign = goal[0], (1.0 if goal[1] == "min" else -1.0)
+        return sorted(_rankable(entries, metric), key=lambda e: sign * e.score(metric))
     first = front[0]
     ranked = sorted(_with_front(entries, front),
                     key=lambda pair: (not pair[1], float(pair[0].metrics.get(first, math.inf))))
@@ -323,9 +338,9 @@ def front_members(entries: list[Entry], front: Sequence[str]) -> set[int]:
     return {id(e) for e, on in _with_front(entries, front) if on} if front else set()
 
 
-def _rankable(entries: list[Entry]) -> list[Entry]:
+def _rankable(entries: list[Entry], metric: str = METRIC) -> list[Entry]:
     return [e for e in entries if e.kind != "reference" and not e.diverged and e.full_fidelity
-            and math.isfinite(e.mean_ce) and e.feasible]
+            and math.isfinite(e.score(metric)) and e.feasible]
 
 
 def _with_front(entries: list[Entry], front: Sequence[str]) -> list[tuple[Entry, bool]]:

@@ -58,21 +58,23 @@ def report_points(total: int, scheduler: str, grace: int | None, reduction_facto
     return [*sorted(set(points)), total]
 
 
-def make_scheduler(scheduler: str, exp_dir: Path, total: int, grace: int | None, reduction_factor: float):
-    """Ray Tune's trial scheduler for ``scheduler`` (None for "fifo": Tune's default)."""
+def make_scheduler(scheduler: str, exp_dir: Path, total: int, grace: int | None, reduction_factor: float,
+                   metric: str = METRIC, mode: str = MODE):
+    """Ray Tune's trial scheduler for ``scheduler`` (None for "fifo": Tune's default), ranking ``metric``."""
     if scheduler == "fifo":
         return None
     first = grace_images(total, grace, reduction_factor)
     if scheduler == "asha":
-        return FidelityASHA(exp_dir, total, first, reduction_factor)
-    return FidelityHyperBand(exp_dir, total, first, reduction_factor)
+        return FidelityASHA(exp_dir, total, first, reduction_factor, metric, mode)
+    return FidelityHyperBand(exp_dir, total, first, reduction_factor, metric, mode)
 
 
 class FidelityASHA(AsyncHyperBandScheduler):
     """ASHA over images seen that, on resume, rebuilds its rungs from the finished trials."""
 
-    def __init__(self, exp_dir: Path, total: int, grace: int, reduction_factor: float) -> None:
-        super().__init__(time_attr=FIDELITY, metric=METRIC, mode=MODE, max_t=total, grace_period=grace,
+    def __init__(self, exp_dir: Path, total: int, grace: int, reduction_factor: float, metric: str = METRIC,
+                 mode: str = MODE) -> None:
+        super().__init__(time_attr=FIDELITY, metric=metric, mode=mode, max_t=total, grace_period=grace,
                          reduction_factor=reduction_factor, brackets=1)
         self.exp_dir = str(exp_dir)
         self.seeded = False
@@ -102,8 +104,9 @@ class FidelityHyperBand(HyperBandForBOHB):
     """HyperBand over images seen, in units of ``grace`` images (so that its brackets' budgets are the
     report points)."""
 
-    def __init__(self, exp_dir: Path, total: int, grace: int, reduction_factor: float) -> None:
-        super().__init__(time_attr="grace_units", metric=METRIC, mode=MODE, max_t=total / grace,
+    def __init__(self, exp_dir: Path, total: int, grace: int, reduction_factor: float, metric: str = METRIC,
+                 mode: str = MODE) -> None:
+        super().__init__(time_attr="grace_units", metric=metric, mode=mode, max_t=total / grace,
                          reduction_factor=reduction_factor)
         self.exp_dir, self.grace = str(exp_dir), grace
 
@@ -135,8 +138,8 @@ class FidelityOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, list):  # Optuna takes no intermediate values with several objectives
             return
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials and METRIC in result:
-            self._ot_trials[trial_id].report(result[METRIC], int(result.get(FIDELITY, 0)))
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials and self.metric in result:
+            self._ot_trials[trial_id].report(result[self.metric], int(result.get(FIDELITY, 0)))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result and self.constraint_keys and trial_id in self._ot_trials and trial_id not in self._completed_trials:
@@ -147,7 +150,7 @@ class FidelityOptunaSearch(OptunaSearch):
             import optuna
 
             ot_trial = self._ot_trials[trial_id]
-            ot_trial.report(result[METRIC], int(result[FIDELITY]))
+            ot_trial.report(result[self.metric], int(result[FIDELITY]))
             self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return

@@ -24,6 +24,7 @@ from pctune.models.registry import output_classes
 from pctune.models.spec import ModelSpec
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
+from pctune.search.cam import CamObjective, cam_metrics
 from pctune.search.conditions import RobustObjective, lockstep
 from pctune.search.objective import RunningSums, default_penalty, score_chunks
 from pctune.search.space import hparams_from_config
@@ -52,6 +53,7 @@ class TrialPayload:
     checkpoint: bool = False  # save the running sums with every report (a paused trial resumes from them)
     cache_gb: float = 0.0  # per worker: timestep-0 results kept for later trials (pctune.search.t0cache)
     robust: RobustObjective | None = None  # several conditions (data_ref then holds "images/<name>")
+    cam: CamObjective | None = None  # objective.kind = "cam_iou" (data_ref then holds "objects", "valid")
     # On resume: results of trials that finished just before the driver died but that the saved
     # experiment state still lists as running. Tune reruns those; they replay their result instead.
     replay: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -156,6 +158,9 @@ def evaluate_chunks(setup: TrialPayload, hparams: Hyperparameters,
         results = lockstep(setup.robust, {c.name: stream(f"images/{c.name}", c.timesteps)
                                           for c in setup.robust.conditions}, penalty)
     for metrics in results:
+        if setup.cam is not None and metrics["final"]:
+            metrics.update(cam_metrics(net, hparams, data, setup.cam, setup.timesteps, setup.batch_size,
+                                       bool(metrics["diverged"])))
         metrics["model_loads"] = float(STATS["model_loads"])
         metrics["gpu"] = float(device.type == "cuda")
         metrics["t0_cached"] = float(counter["cached"])  # images whose timestep 0 came from the cache

@@ -7,7 +7,8 @@
   metric ``mean_ce`` at step = images seen (a curve: the running score at each report), ``num_images``
   and ``total_images``, and ``ce``, ``accuracy`` and ``recon_error_pc{n}`` at step t for t = 0..T; tag
   ``pctune.stopped_early`` ("true" when a scheduler stopped the trial before its last image: its
-  scores cover ``num_images`` images only); tag ``pctune.trial_id`` makes logging idempotent
+  scores cover ``num_images`` images only); with ``objective.kind = "cam_iou"`` also ``cam_iou``,
+  ``cam_iou_rel`` and ``cam_iou_t{t}``; tag ``pctune.trial_id`` makes logging idempotent
   (``sync`` uploads only what is missing).
 """
 
@@ -39,6 +40,8 @@ STOPPED_TAG = "pctune.stopped_early"
 _STEP_METRIC = re.compile(r"^((?:ce|accuracy)(?:_[a-z0-9_]+?)?)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
 # a robust objective's per-condition scores and constraint values (pctune.search.conditions)
 _ROBUST_METRIC = re.compile(r"^(mean_ce_|diverged_|constraint_)[a-z0-9_]+$|^feasible$")
+# the cam_iou objective (objective.kind = "cam_iou"): its score, IoU at the timesteps explained, IoU(T) / IoU(0)
+_CAM_METRIC = re.compile(r"^cam_iou(_t\d+|_rel)?$")
 
 
 def trial_metrics(result: Mapping[str, Any], curve: Iterable[tuple[int, float]] = ()) -> list[tuple[str, float, int]]:
@@ -46,7 +49,8 @@ def trial_metrics(result: Mapping[str, Any], curve: Iterable[tuple[int, float]] 
     does not say) and at each (images seen, mean_ce) point of ``curve``, and ``ce_t3`` ->
     (``ce``, value, 3), ``accuracy_t3``, ``recon_error_pc2_t3`` -> (``recon_error_pc2``, value, 3); a
     robust objective's ``ce_clean_t3`` -> (``ce_clean``, value, 3), ``mean_ce_clean``,
-    ``constraint_clean_accuracy`` and ``feasible`` at step 0."""
+    ``constraint_clean_accuracy`` and ``feasible`` at step 0; the ``cam_iou`` objective's ``cam_iou``,
+    ``cam_iou_rel`` and ``cam_iou_t{t}`` at step 0."""
     seen = int(result.get("num_images", 0) or 0)
     metrics = [("mean_ce", float(value), int(step)) for step, value in curve if int(step) != seen]
     for key, value in result.items():
@@ -59,7 +63,7 @@ def trial_metrics(result: Mapping[str, Any], curve: Iterable[tuple[int, float]] 
             metrics.append((name, float(value), step))
         elif key == "mean_ce":
             metrics.append((key, float(value), seen))
-        elif key in ("diverged", "num_images", "total_images") or _ROBUST_METRIC.match(key):
+        elif key in ("diverged", "num_images", "total_images") or _ROBUST_METRIC.match(key) or _CAM_METRIC.match(key):
             metrics.append((key, float(value), 0))
     return metrics
 

@@ -40,12 +40,13 @@ def param_importances(trials: pd.DataFrame, score: str = "mean_ce") -> dict[str,
 
 
 def write_plots(trials: pd.DataFrame, references: Mapping[str, Mapping], out: Path, best: Mapping | None = None,
-                score: str = "mean_ce") -> list[Path]:
+                score: str = "mean_ce", mode: str = "min") -> list[Path]:
     """PNG files in ``out``: score over trials, accuracy per timestep of ``best`` vs the references
-    (e.g. baseline, default), and hyperparameter importances."""
+    (e.g. baseline, default), and hyperparameter importances. ``mode``: "min" or "max", the score's
+    better direction."""
     out.mkdir(parents=True, exist_ok=True)
     ordered = trials.reset_index(drop=True)
-    paths = [_plot_scores(pd.to_numeric(ordered[score], errors="coerce"), references, score,
+    paths = [_plot_scores(pd.to_numeric(ordered[score], errors="coerce"), references, score, mode,
                           out / "score_over_trials.png"),
              _plot_accuracy({"best": best or {}, **references}, out / "accuracy_per_timestep.png")]
     importances = param_importances(ordered, score)
@@ -54,14 +55,16 @@ def write_plots(trials: pd.DataFrame, references: Mapping[str, Mapping], out: Pa
     return paths
 
 
-def _plot_scores(values: pd.Series, references: Mapping[str, Mapping], score: str, path: Path) -> Path:
+def _plot_scores(values: pd.Series, references: Mapping[str, Mapping], score: str, mode: str, path: Path) -> Path:
     fig, ax = pyplot().subplots(figsize=(6, 4))
     ax.scatter(range(len(values)), values, s=12, label="trial")
-    ax.plot(range(len(values)), values.cummin(), color="black", label="best so far")
+    ax.plot(range(len(values)), values.cummin() if mode == "min" else values.cummax(), color="black",
+            label="best so far")
     for name, result in references.items():
         if score in result:
             ax.axhline(float(result[score]), linestyle="--", label=name, color=_color(name))
-    ax.set(xlabel="trial", ylabel=f"{score} (lower is better)", title="Score over trials")
+    ax.set(xlabel="trial", ylabel=f"{score} ({'lower' if mode == 'min' else 'higher'} is better)",
+           title="Score over trials")
     ax.legend()
     return save_figure(fig, path)
 
@@ -90,17 +93,19 @@ def _color(name: str) -> str | None:
 
 
 def log_search_summary(tracker: SearchTracker, trials: pd.DataFrame, references: Mapping[str, Mapping],
-                       out: Path, best: Mapping | None, score: str = "mean_ce") -> dict[str, float]:
+                       out: Path, best: Mapping | None, score: str = "mean_ce", mode: str = "min") -> dict[str, float]:
     """Log best/baseline/default scores, the best params, the leaderboard CSV and the plots. ``best``
     is the winning configuration's result with its ``pcoder{n}.*`` params (the caller's ranking
-    decides it; None when nothing qualifies, e.g. every trial diverged)."""
+    decides it; None when nothing qualifies, e.g. every trial diverged); ``score`` and ``mode`` are
+    the search's objective (``mean_ce`` minimized, or ``cam_iou`` maximized)."""
     metrics = {f"best_{score}": float(best[score])} if best else {}
     for name, result in references.items():
         if score in result:
             metrics[f"{name}_{score}"] = float(result[score])
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "leaderboard.csv"
-    trials.sort_values(score).to_csv(csv, index=False)
+    trials.sort_values(score, ascending=mode == "min").to_csv(csv, index=False)
     params = {k: v for k, v in (best or {}).items() if PARAM_PATTERN.match(str(k))}
-    tracker.log_summary(metrics, params=params, artifacts=[csv, *write_plots(trials, references, out, best, score)])
+    tracker.log_summary(metrics, params=params,
+                        artifacts=[csv, *write_plots(trials, references, out, best, score, mode)])
     return metrics
