@@ -112,7 +112,7 @@ def test_server_killed_mid_search_then_sync_logs_each_trial_once(tmp_path, env):
     storage = tmp_path / "runs"
     with mlflow_server(tmp_path / "server", port=port) as (uri, proc):
         search = subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", "demo", "--tracking-uri", uri,
-                                   "--storage-path", str(storage), "--num-samples", "8", "--max-concurrent", "1",
+                                   "--storage-path", str(storage), "--num-samples", "6", "--max-concurrent", "1",
                                    "--set", "data.num_images=120"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, env=env)
         client = MlflowClient(uri)
@@ -135,11 +135,9 @@ def test_server_killed_mid_search_then_sync_logs_each_trial_once(tmp_path, env):
         parent = client.search_runs([exp.experiment_id], "tags.`pctune.job` = 'demo'")[0]
         children = _children(client, exp.experiment_id, parent.info.run_id)
         ids = [c.data.tags["pctune.trial_id"] for c in children]
-        assert len(ids) == 8 and len(set(ids)) == 8
+        assert len(ids) == 6 and len(set(ids)) == 6
         assert all(c.data.tags.get("pctune.complete") == "true" for c in children)
-        # a second sync adds nothing
-        out = _pctune("sync", "demo", "--tracking-uri", uri, "--storage-path", str(storage), env=env)
-        assert "0 trial runs added" in out
+        # (that a second sync adds nothing: test_tracking.test_parent_children_and_idempotent_sync)
 
 
 def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, env):

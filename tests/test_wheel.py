@@ -79,7 +79,6 @@ def test_pctune_search_demo_runs_from_the_installed_wheel(tmp_path):
     # the checkout's pctune is not importable in the fresh venv, its dependencies are
     missing = run(python, "-c", "import pctune", timeout=120)
     assert missing.returncode != 0 and "No module named 'pctune'" in missing.stderr, missing.stderr
-    assert run(python, "-c", "import torch, ray, optuna, mlflow", timeout=300).returncode == 0
 
     installed = run(python, "-m", "pip", "install", "--quiet", "--no-deps", "--ignore-installed", "--no-index",
                     "--disable-pip-version-check", "--no-warn-script-location", wheel, timeout=300)
@@ -87,7 +86,8 @@ def test_pctune_search_demo_runs_from_the_installed_wheel(tmp_path):
     where = run(python, "-c", "import pctune; print(pctune.__file__)", timeout=120)
     assert Path(where.stdout.strip()) == purelib / "pctune" / "__init__.py", where.stderr
 
-    result = run(python.parent / "pctune", "search", "demo", "--num-samples", "2", timeout=900)
+    result = run(python.parent / "pctune", "search", "demo", "--num-samples", "2", "--num-images", "60",
+                 timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = work / "pctune_runs" / "demo"
     assert run_dir.is_dir() and (run_dir / "best.toml").is_file() and (run_dir / "leaderboard.csv").is_file()
