@@ -84,6 +84,17 @@ def cost_to_reach(curve: list[tuple[float, float]], target: float) -> float:
     return next((spent for spent, best in curve if best <= target), math.inf)
 
 
+def proposals_to_reach(rows: list[dict], target: float) -> float:
+    """How many trials (proposals, in creation order) a run needed to first reach ``target``."""
+    return cost_to_reach(anytime([{**row, "unit": 1} for row in rows], "unit"), target)
+
+
+def first_rung_pass_rate(rows: list[dict]) -> float:
+    """The share of the trials that went on past the first rung (the fewest images any trial reported)."""
+    first = min(row["images"] for row in rows)
+    return sum(row["images"] > first for row in rows) / len(rows)
+
+
 def best_within(curve: list[tuple[float, float]], budget: float) -> float:
     return min((best for spent, best in curve if spent <= budget), default=math.inf)
 
@@ -108,6 +119,10 @@ def summarize(runs: list[dict], arm: str) -> dict:
             "best_at_plain_budget": [best_within(c, budget) for c in fast_curves],
             "best_at_plain_budget_median": statistics.median(best_within(c, budget) for c in fast_curves),
         }
+    target = out["image_timesteps"]["plain_final_best_median"]
+    out["proposals_to_reach_plain_median_best"] = {name: [proposals_to_reach(r["trials"], target) for r in group]
+                                                   for name, group in (("tpe", plain), (arm, fast))}
+    out["first_rung_pass_rate"] = [first_rung_pass_rate(r["trials"]) for r in fast]
     fast_rows = [row for r in fast for row in r["trials"]]
     out["trials_stopped_early"] = sum(not row["final"] for row in fast_rows)
     out["trials"] = len(fast_rows)
