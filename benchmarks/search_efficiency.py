@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -53,7 +54,9 @@ def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:
         driver.connect(None, log=lambda _m: None)
         setup = driver.trial_setup(prep)
         start = time.perf_counter()
-        driver._run_stage(prep, setup, "joint", prep.space, prep.starting_points, log=lambda _m: None)
+        driver._run_stage(prep, setup, "joint",
+                          functools.partial(driver.make_searcher, job, prep.space, prep.starting_points),
+                          job.search.num_samples, log=lambda _m: None)
         wall = time.perf_counter() - start
     timesteps = job.objective.timesteps
     rows = []
