@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -32,7 +33,9 @@ ARMS = {"tpe": {"search.scheduler": "fifo", "search.cache_gb": 0.0},
         "tpe+asha": {"search.scheduler": "asha", "search.cache_gb": 1.0},
         "tpe+hyperband": {"search.scheduler": "hyperband", "search.cache_gb": 1.0},
         # ASHA keeping 1 in 4 at each rung (rungs at 8, 32, 125 of 500 images): a stricter cutoff
-        "tpe+asha-rf4": {"search.scheduler": "asha", "search.reduction_factor": 4.0, "search.cache_gb": 1.0}}
+        "tpe+asha-rf4": {"search.scheduler": "asha", "search.reduction_factor": 4.0, "search.cache_gb": 1.0},
+        # multi-fidelity TPE (pctune.search.mf_tpe): TPE models the largest rung enough trials reached
+        "tpe-mf+asha": {"search.sampler": "tpe-mf", "search.scheduler": "asha", "search.cache_gb": 1.0}}
 
 
 def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:
@@ -51,7 +54,9 @@ def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:
         driver.connect(None, log=lambda _m: None)
         setup = driver.trial_setup(prep)
         start = time.perf_counter()
-        driver._run_stage(prep, setup, "joint", prep.space, prep.starting_points, log=lambda _m: None)
+        driver._run_stage(prep, setup, "joint",
+                          functools.partial(driver.make_searcher, job, prep.space, prep.starting_points),
+                          job.search.num_samples, log=lambda _m: None)
         wall = time.perf_counter() - start
     timesteps = job.objective.timesteps
     rows = []

@@ -84,7 +84,7 @@ def test_parse_assignment_reads_toml_values():
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"search": {"space": "demo", "sampler": "bayes"}},
-     r"^j.toml: search.sampler: unknown sampler 'bayes' \(tpe, cmaes, gp, random, nsga2\)$"),
+     r"^j.toml: search.sampler: unknown sampler 'bayes' \(tpe, tpe-mf, cmaes, gp, random, nsga2\)$"),
     ({"search": {"space": "demo", "strategy": "greedy"}}, r"^j.toml: search.strategy: unknown strategy 'greedy'"),
     ({"search": {"space": "demo", "num_samples": 0}}, r"^j.toml: search.num_samples: must be >= 1, got 0$"),
     ({"search": {"space": "demo", "resources": {"gpu": -1}}}, r"^j.toml: search.resources.gpu: must be >= 0"),
@@ -113,7 +113,7 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     job.write_text('[model]\nname = "demo"\n[data]\nsource = "digits"\n[search]\nspace = "demo"\nsampler = "x"\n')
     assert main(["search", str(job)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"pctune: error: {job}: search.sampler: unknown sampler 'x' (tpe, cmaes, gp, random, nsga2)"]
+    assert err == [f"pctune: error: {job}: search.sampler: unknown sampler 'x' (tpe, tpe-mf, cmaes, gp, random, nsga2)"]
 
 
 def test_a_starting_point_outside_the_space_is_a_one_line_cli_error(tmp_path, capsys):
@@ -314,7 +314,7 @@ def test_settings_and_samplers_import_neither_torch_nor_optuna():
 
 # -- samplers ---------------------------------------------------------------------------------------
 def test_the_sampler_table_drives_the_flag_and_the_job(capsys):
-    assert list(SAMPLERS) == ["tpe", "cmaes", "gp", "random", "nsga2"]
+    assert list(SAMPLERS) == ["tpe", "tpe-mf", "cmaes", "gp", "random", "nsga2"]
     for name in SAMPLERS:
         assert _parser().parse_args(["search", "demo", "--sampler", name]).sampler == name
     with pytest.raises(SystemExit) as info:
@@ -327,12 +327,15 @@ def test_the_sampler_table_drives_the_flag_and_the_job(capsys):
 def test_make_sampler_makes_every_sampler_in_the_table():
     import optuna
 
-    kinds = {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
+    from pctune.search.mf_tpe import FidelityTPESampler
+
+    kinds = {"tpe": optuna.samplers.TPESampler, "tpe-mf": FidelityTPESampler, "cmaes": optuna.samplers.CmaEsSampler,
              "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler, "nsga2": optuna.samplers.NSGAIISampler}
     for name in SAMPLERS:
         assert isinstance(make_sampler(name, seed=0, concurrent=1), kinds[name])
-    assert make_sampler("tpe", 0, 4)._constant_liar and not make_sampler("tpe", 0, 1)._constant_liar
-    with pytest.raises(PctuneError, match=r"^j.toml: search.sampler: unknown sampler 'bayes' \(tpe, cmaes, gp, random, nsga2\)$"):
+    for name in ("tpe", "tpe-mf"):
+        assert make_sampler(name, 0, 4)._constant_liar and not make_sampler(name, 0, 1)._constant_liar
+    with pytest.raises(PctuneError, match=r"^j.toml: search.sampler: unknown sampler 'bayes' \(tpe, tpe-mf, cmaes, gp, random, nsga2\)$"):
         make_sampler("bayes", 0, 1, "j.toml")
 
 
