@@ -35,7 +35,10 @@ ARMS = {"tpe": {"search.scheduler": "fifo", "search.cache_gb": 0.0},
         # ASHA keeping 1 in 4 at each rung (rungs at 8, 32, 125 of 500 images): a stricter cutoff
         "tpe+asha-rf4": {"search.scheduler": "asha", "search.reduction_factor": 4.0, "search.cache_gb": 1.0},
         # multi-fidelity TPE (pctune.search.mf_tpe): TPE models the largest rung enough trials reached
-        "tpe-mf+asha": {"search.sampler": "tpe-mf", "search.scheduler": "asha", "search.cache_gb": 1.0}}
+        "tpe-mf+asha": {"search.sampler": "tpe-mf", "search.scheduler": "asha", "search.cache_gb": 1.0},
+        # both: the stricter rungs, with a sampler that models the rungs instead of only the finished trials
+        "tpe-mf+asha-rf4": {"search.sampler": "tpe-mf", "search.scheduler": "asha", "search.reduction_factor": 4.0,
+                            "search.cache_gb": 1.0}}
 
 
 def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:

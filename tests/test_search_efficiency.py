@@ -215,9 +215,11 @@ def test_a_search_reuses_timestep_zero_across_trials(asha_run):
 
 @pytest.mark.slow
 def test_hyperband_search_finishes_and_only_full_fidelity_wins(cluster, workdir):  # noqa: F811
+    """(With the multi-fidelity TPE: its view of the study takes over once 10 trials reached a rung, and
+    HyperBand pauses and resumes trials under it.)"""
     path = write_job(workdir, "hyperband", num_samples=12, concurrent=2, images=120, points='["default"]',
                      search_extra='scheduler = "hyperband"\ngrace_images = 10\nreduction_factor = 3')
-    assert main(["search", str(path), "--address", cluster]) == 0
+    assert main(["search", str(path), "--address", cluster, "--sampler", "tpe-mf"]) == 0
     job = load_job(path)
     run_dir = RunDir(job.run_dir)
     trials = run_dir.trials("joint")
@@ -225,4 +227,5 @@ def test_hyperband_search_finishes_and_only_full_fidelity_wins(cluster, workdir)
     assert any(t.stopped_early for t in trials)
     best = run_dir.best()
     assert best is not None and best.full_fidelity and best.metrics["num_images"] == 120
-    assert json.loads((job.run_dir / "job.json").read_text())["job"]["search"]["scheduler"] == "hyperband"
+    recorded = json.loads((job.run_dir / "job.json").read_text())["job"]["search"]
+    assert (recorded["scheduler"], recorded["sampler"]) == ("hyperband", "tpe-mf")
