@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import io
 import json
 import math
@@ -57,9 +56,7 @@ def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:
         driver.connect(None, log=lambda _m: None)
         setup = driver.trial_setup(prep)
         start = time.perf_counter()
-        driver._run_stage(prep, setup, "joint",
-                          functools.partial(driver.make_searcher, job, prep.space, prep.starting_points),
-                          job.search.num_samples, log=lambda _m: None)
+        driver.run_joint(prep, setup, log=lambda _m: None)
         wall = time.perf_counter() - start
     timesteps = job.objective.timesteps
     rows = []

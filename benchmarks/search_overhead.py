@@ -10,7 +10,6 @@ points in one process (``pctune.search.objective.score``, same thread count as a
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -32,8 +31,7 @@ def _search(job, trials: int, concurrency: int) -> dict:
     setup = driver.trial_setup(prep)
     stage = f"bench_c{concurrency}"
     start = time.perf_counter()
-    driver._run_stage(prep, setup, stage, functools.partial(driver.make_searcher, job, prep.space, []), trials,
-                      log=lambda _m: None)
+    driver.run_joint(prep, setup, log=lambda _m: None, stage=stage)  # starting points: none (set above)
     wall = time.perf_counter() - start
     done = load_trials(job.run_dir / stage)
     evals = [t.metrics["eval_seconds"] for t in done]

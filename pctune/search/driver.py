@@ -146,8 +146,7 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
     score_references(prep, setup, run_dir, log)
     try:
         if job.search.strategy == "joint":
-            _run_stage(prep, setup, "joint", functools.partial(make_searcher, job, prep.space, prep.starting_points),
-                       job.search.num_samples, log, callbacks)
+            run_joint(prep, setup, log, callbacks)
         elif job.search.strategy == GRID_STRATEGY:
             _single_pcoder_grid(prep, setup, log, callbacks)
         else:
@@ -262,6 +261,14 @@ def make_searcher(job: Job, space: SearchSpace, points: list[StartingPoint]):
 def _trainable(job: Job, setup: TrialPayload):
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                {"cpu": job.search.resources["cpu"], "gpu": job.search.resources["gpu"]})
+
+
+def run_joint(prep: Prepared, setup: TrialPayload, log: Log, callbacks: list | None = None,
+              stage: str = "joint") -> None:
+    """The joint strategy: one Tune experiment over the whole space, starting points first (the
+    benchmarks run it too, under their own stage names)."""
+    _run_stage(prep, setup, stage, functools.partial(make_searcher, prep.job, prep.space, prep.starting_points),
+               prep.job.search.num_samples, log, callbacks)
 
 
 def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callable[[], Any], num_samples: int,
