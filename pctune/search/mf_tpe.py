@@ -29,6 +29,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 FULL = math.inf  # the full-fidelity budget: every COMPLETE trial has reached it
+MODELLED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # the states a view is made of
 
 
 class FidelityTPESampler(TPESampler):
@@ -83,7 +84,7 @@ def value_at(trial: FrozenTrial, budget: float) -> float | None:
 def choose_budget(trials: list[FrozenTrial], min_trials: int) -> float | None:
     """The largest budget (images seen, or :data:`FULL`) that at least ``min_trials`` of ``trials``
     have reached; None if there is none."""
-    trials = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
+    trials = [t for t in trials if t.state in MODELLED]
     steps = {step for t in trials for step in t.intermediate_values}
     for budget in sorted(steps | {FULL}, reverse=True):
         if sum(value_at(t, budget) is not None for t in trials) >= min_trials:
@@ -106,7 +107,7 @@ class FidelityView:
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = []
         for t in self._study._get_trials(deepcopy=False, use_cache=use_cache):
-            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+            if t.state not in MODELLED:
                 continue
             value = value_at(t, self.budget)
             if value is not None:
