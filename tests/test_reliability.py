@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import demo_job, image_folder
 
 from pctune.cli import main
 
@@ -22,13 +23,6 @@ def _tracking_in_tmp(tmp_path, monkeypatch):
     """A local store per test: a server another test started (and MLflow put into the environment)
     may be gone by now."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-
-
-def _demo_job(tmp_path: Path, name: str = "demo", extra: str = "") -> Path:
-    path = tmp_path / f"{name}job.toml"
-    text = (ROOT / "jobs" / "demo.toml").read_text().replace('space = "demo"', f'space = "{ROOT}/search_spaces/demo.toml"')
-    path.write_text(extra + "\n" + text if extra else text)
-    return path
 
 
 def test_overwrite_never_removes_a_folder_that_pctune_did_not_create(tmp_path, capsys):
@@ -49,7 +43,7 @@ def test_a_job_name_cannot_reach_outside_the_storage_path(tmp_path, capsys, name
     other = tmp_path / "runs" / "other"
     other.mkdir(parents=True)
     (other / "job.json").write_text("{}")
-    job = _demo_job(tmp_path, extra=f'name = "{name}"')
+    job = demo_job(tmp_path, extra=f'name = "{name}"')
     assert main(["search", str(job), "--storage-path", str(tmp_path / "runs"), "--num-samples", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "name" in err
@@ -262,22 +256,8 @@ def test_a_layer_asking_for_petabytes_is_refused_by_name(tmp_path):
         pctune.create_model(path)
 
 
-def _image_folder(root: Path, classes: int, per_class: int = 3, corrupt: int = 0) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    for c in range(classes):
-        (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = np.random.default_rng(c * 100 + i).integers(0, 255, (20, 20, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c:02d}" / f"{i}.png")
-    for i in range(corrupt):
-        (root / "class00" / f"broken{i}.png").write_bytes(b"not a png at all")
-    return root
-
-
 def test_data_whose_classes_do_not_match_the_model_is_refused_before_any_trial(tmp_path, capsys):
-    data = _image_folder(tmp_path / "val", classes=2)
+    data = image_folder(tmp_path / "val", classes=2)
     assert main(["search", "demo", "--data", str(data), "--set", 'data.source="imagenet-val"', "--num-images", "4",
                  "--storage-path", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip()
@@ -290,7 +270,7 @@ def test_an_unreadable_image_is_skipped_and_listed_or_fails_by_name(tmp_path):
     from pctune.search.job import load_job
     from pctune.search.prepare import load_job_model, noisy_images
 
-    data = _image_folder(tmp_path / "val", classes=10, per_class=2, corrupt=1)
+    data = image_folder(tmp_path / "val", classes=10, per_class=2, corrupt=1)
     skipped: list[str] = []
     _images, labels = load_val_subset(data, 21, 0, image_size=16, unreadable=skipped)
     assert len(labels) == 20 and skipped == [str(data / "class00" / "broken0.png")]
@@ -306,7 +286,7 @@ def test_an_unreadable_image_is_skipped_and_listed_or_fails_by_name(tmp_path):
 def test_train_feedback_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, content):
     import torch
 
-    data = _image_folder(tmp_path / "train", classes=10, per_class=1)
+    data = image_folder(tmp_path / "train", classes=10, per_class=1)
     out = tmp_path / "out"
     out.mkdir()
     if content is None:  # a pickle with more than tensors: refused without torch's "weights_only=False" advice
@@ -323,7 +303,7 @@ def test_train_feedback_resume_from_an_unreadable_checkpoint_is_one_line(tmp_pat
 
 
 def test_a_flag_does_not_hide_an_invalid_value_in_the_job_file(tmp_path, capsys):
-    job = _demo_job(tmp_path).read_text().replace("num_samples = 40", "num_samples = -3")
+    job = demo_job(tmp_path).read_text().replace("num_samples = 40", "num_samples = -3")
     (tmp_path / "bad.toml").write_text(job)
     assert main(["search", str(tmp_path / "bad.toml"), "--num-samples", "2", "--storage-path", str(tmp_path)]) == 2
     assert "search.num_samples: must be >= 1, got -3" in capsys.readouterr().err
