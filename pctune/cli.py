@@ -31,8 +31,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return interrupts.exit_code()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``pctune search: error: ...``) like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pctune", description=__doc__)
+    parser = _Parser(prog="pctune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pctune {_version()}")
     commands = parser.add_subparsers(title="commands")
 

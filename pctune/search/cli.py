@@ -36,33 +36,16 @@ def add_search_commands(commands) -> None:
     search = commands.add_parser("search", help="tune beta/lambda/alpha with Ray Tune + Optuna",
                                  description="Run a search job (a name in jobs/ or a job TOML path). "
                                              "Flags override the job's fields.")
-    search.add_argument("job", help="a job name in jobs/ (e.g. demo) or a job TOML path")
-    _job_flags(search)
-    search.add_argument("--num-samples", type=int, help="trials (per pcoder with the per-pcoder strategy)")
-    search.add_argument("--max-concurrent", type=int, help="trials running at once")
-    search.add_argument("--sampler", choices=list(SAMPLERS),
-                        help="; ".join(f"{name}: {kind.description}" for name, kind in SAMPLERS.items()))
-    search.add_argument("--seed", type=int)
-    search.add_argument("--space", help="a search space name in search_spaces/ or a TOML path")
-    search.add_argument("--strategy", choices=list(STRATEGIES))
-    search.add_argument("--scheduler", choices=list(SCHEDULERS),
-                        help="fifo: every trial sees every image; asha/hyperband: stop unpromising trials early")
-    search.add_argument("--grace-images", type=int, help="images a trial sees before it can be stopped")
-    search.add_argument("--reduction-factor", type=float, help="asha/hyperband: keep 1 in this many at each rung")
-    search.add_argument("--cache-gb", type=float, help="memory per worker for reusing timestep 0 (0: off)")
-    search.add_argument("--data", help="the ImageNet validation folder")
-    search.add_argument("--num-images", type=int)
-    search.add_argument("--feedback-weights", help="decoder weights (file or Predify folder)")
-    search.add_argument("--backbone-weights", help="a local backbone state dict")
-    search.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
-    search.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU)")
-    search.add_argument("--cpus-per-trial", type=float)
-    search.add_argument("--tracking-uri", help="MLflow tracking URI")
-    search.add_argument("--experiment", help="MLflow experiment name")
-    search.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    search.add_argument("--overwrite", action="store_true", help="delete an earlier search of this job first")
-    search.add_argument("--verbose", action="store_true", help="also show Ray Tune's status tables")
+    _search_flags(search)
     search.set_defaults(handler=_search)
+
+    check = commands.add_parser("check", help="check a search job without running a trial",
+                                description="Everything `pctune search` checks before its first trial (job, space, "
+                                            "model and weights, data and labels, masks, tracking store, "
+                                            "resources, storage and lock), with the same flags; runs no trial "
+                                            "and writes nothing. Exit 0 when the search would start.")
+    _search_flags(check)
+    check.set_defaults(handler=_check)
 
     results = commands.add_parser("results", help="the leaderboard of a search; writes leaderboard.csv and "
                                                   "best.toml")
@@ -76,6 +59,36 @@ def add_search_commands(commands) -> None:
     _job_flags(sync)
     sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
     sync.set_defaults(handler=_sync)
+
+
+def _search_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``pctune search`` (``pctune check`` takes the same, to check the same search)."""
+    parser.add_argument("job", help="a job name in jobs/ (e.g. demo) or a job TOML path")
+    _job_flags(parser)
+    parser.add_argument("--num-samples", type=int, help="trials (per pcoder with the per-pcoder strategy)")
+    parser.add_argument("--max-concurrent", type=int, help="trials running at once")
+    parser.add_argument("--sampler", choices=list(SAMPLERS),
+                        help="; ".join(f"{name}: {kind.description}" for name, kind in SAMPLERS.items()))
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--space", help="a search space name in search_spaces/ or a TOML path")
+    parser.add_argument("--strategy", choices=list(STRATEGIES))
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS),
+                        help="fifo: every trial sees every image; asha/hyperband: stop unpromising trials early")
+    parser.add_argument("--grace-images", type=int, help="images a trial sees before it can be stopped")
+    parser.add_argument("--reduction-factor", type=float, help="asha/hyperband: keep 1 in this many at each rung")
+    parser.add_argument("--cache-gb", type=float, help="memory per worker for reusing timestep 0 (0: off)")
+    parser.add_argument("--data", help="the ImageNet validation folder")
+    parser.add_argument("--num-images", type=int)
+    parser.add_argument("--feedback-weights", help="decoder weights (file or Predify folder)")
+    parser.add_argument("--backbone-weights", help="a local backbone state dict")
+    parser.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU)")
+    parser.add_argument("--cpus-per-trial", type=float)
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI")
+    parser.add_argument("--experiment", help="MLflow experiment name")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    parser.add_argument("--overwrite", action="store_true", help="delete an earlier search of this job first")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray Tune's status tables")
 
 
 def _job_flags(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +124,16 @@ def _search(args: argparse.Namespace) -> int:
     job = load_job(args.job, job_overrides(args))
     job.resume = args.resume
     search(job)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from pctune.check import check
+    from pctune.search.job import load_job
+
+    job = load_job(args.job, job_overrides(args))
+    job.resume = args.resume
+    check(job)
     return 0
 
 

@@ -169,9 +169,9 @@ def _plan(prep: Prepared) -> str:
     return f"{search.strategy}, sampler {search.sampler}, {search.num_samples} trials{per}{goal}"
 
 
-def _claim_run_dir(job: Job, run_dir: RunDir, log: Log) -> None:
-    """Make ``run_dir`` this search's: new, resumed, or (``--overwrite``) an earlier pctune run of the
-    job replaced. Nothing that pctune did not create is ever removed."""
+def plan_run_dir(job: Job, run_dir: RunDir) -> str:
+    """What a search of ``job`` does with ``run_dir``: "new", "resume" or "overwrite" (an earlier pctune
+    run of the job, replaced); the refusals are errors. Changes nothing (``pctune check`` asks this too)."""
     path = run_dir.path
     storage = Path(job.run.storage_path).expanduser().resolve()
     if storage.exists() and not storage.is_dir():
@@ -182,17 +182,28 @@ def _claim_run_dir(job: Job, run_dir: RunDir, log: Log) -> None:
     if path.exists() and not path.is_dir():
         raise PctuneError(f"{path} is a file, not a run directory: move it away or choose another --storage-path")
     if not path.exists() or not any(path.iterdir()):
-        if job.resume:
-            log(f"nothing to resume in {path}: starting a new search")
-    elif job.resume:
-        log(f"resuming the search in {path}")
-    elif job.run.if_exists != "overwrite":
+        return "new"
+    if job.resume:
+        return "resume"
+    if job.run.if_exists != "overwrite":
         raise PctuneError(f"{path} already holds a search of {job.name}: pass --resume to continue it or "
                           "--overwrite to start over")
-    elif not run_dir.is_pctune_run():
+    if not run_dir.is_pctune_run():
         raise PctuneError(f"{path} is not a pctune run directory (no {MARKER}, and it holds other files): "
                           "not removing it; move it away or choose another --storage-path")
-    else:
+    return "overwrite"
+
+
+def _claim_run_dir(job: Job, run_dir: RunDir, log: Log) -> None:
+    """Make ``run_dir`` this search's: new, resumed, or (``--overwrite``) an earlier pctune run of the
+    job replaced (:func:`plan_run_dir`). Nothing that pctune did not create is ever removed."""
+    path = run_dir.path
+    action = plan_run_dir(job, run_dir)
+    if action == "new" and job.resume:
+        log(f"nothing to resume in {path}: starting a new search")
+    elif action == "resume":
+        log(f"resuming the search in {path}")
+    elif action == "overwrite":
         removed = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
         shutil.rmtree(path)
         log(f"replaced the earlier search in {path} (removed: {', '.join(removed) or 'nothing'})")

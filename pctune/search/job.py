@@ -229,12 +229,18 @@ def set_dotted(data: dict, key: str, value: Any, where: str = "<job>") -> None:
     table[parts[-1]] = value
 
 
+_DOTTED_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
     """``"search.sampler=cmaes"`` -> ``("search.sampler", "cmaes")``; the value is read as a TOML value
     (numbers, booleans, lists, quoted strings) and otherwise kept as a string."""
     if "=" not in text:
         raise PctuneError(f"--set {text!r}: expected KEY=VALUE")
     key, raw = (s.strip() for s in text.split("=", 1))
+    if not _DOTTED_KEY.fullmatch(key):
+        raise PctuneError(f"--set {text[:80]!r}: {key[:40]!r} is not a job field (a dotted name such as "
+                          "objective.sigma)")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

@@ -1,0 +1,97 @@
+"""``pctune check JOB``: everything a search checks before its first trial, without running one.
+
+The checks are the search's own functions, called in the search's order, so that ``check`` and
+``search`` cannot disagree: the job and its flags (loaded by the caller), the files it names, the run
+directory (storage path, an earlier search, its lock and, with ``--resume``, its identity), the model
+with its weights, the search space and starting points, the data with its labels (and masks), the
+tracking store and the resources a trial asks for. Nothing is written: not the run directory, not the
+storage path, not the tracking store (it is probed with a temporary file, as the search does).
+
+A cluster given by ``run.address`` / ``$RAY_ADDRESS`` is not joined (joining takes Ray's connection
+time-out when the address is wrong): its resources are checked by the search when it connects.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pctune.errors import PctuneError
+from pctune.search.job import Job
+from pctune.search.prepare import check_paths, prepare
+from pctune.search.rundir import RunDir
+from pctune.tracking.store import check_reachable, resolve_tracking_uri
+from pctune.utils import first_line
+
+Log = Callable[[str], None]
+
+
+def check(job: Job, log: Log = print) -> dict[str, Any]:
+    """Run every check of a search of ``job`` up to its first trial; a problem is a :class:`PctuneError`.
+    Returns what was found (for the summary line and for tests)."""
+    check_paths(job)
+    run = check_run_directory(job)
+    prep = prepare(job, log=lambda _message: None)
+    uri = resolve_tracking_uri(job.tracking.tracking_uri)
+    check_reachable(uri)
+    cluster = check_local_resources(job)
+    found = {"job": job.name, "model": prep.spec.name, "pcoders": prep.net.num_pcoders,
+             "images": len(prep.labels), "dimensions": len(prep.space.dimensions()), "run_directory": run,
+             "tracking_uri": uri, "cluster": cluster}
+    log(f"check: {job.name} is ready to search: model {prep.spec.name} ({prep.net.num_pcoders} pcoders), "
+        f"{len(prep.labels)} images, a {found['dimensions']}-dimensional space, {_plan(job)}; "
+        f"run directory {job.run_dir} ({run}); tracking {uri}; {cluster}")
+    return found
+
+
+def _plan(job: Job) -> str:
+    search = job.search
+    return f"{search.strategy} with {search.sampler} ({search.num_samples} trials, scheduler {search.scheduler})"
+
+
+# -- the run directory --------------------------------------------------------------------------------
+def check_run_directory(job: Job) -> str:
+    """What a search would do with its run directory ("new", "resume", "overwrite"), with the
+    search's own refusals; the storage path must be a folder this process can write (probed)."""
+    from pctune.search.driver import plan_run_dir
+
+    action = plan_run_dir(job, RunDir(job.run_dir))
+    _check_writable(Path(job.run.storage_path).expanduser().resolve(), "run.storage_path")
+    return action
+
+
+def _check_writable(path: Path, field: str) -> None:
+    """``path`` (or, when it does not exist yet, the nearest folder above it, where it would be
+    created) takes a new file: created and removed at once."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".pctune-check-"):
+            pass
+    except OSError as exc:
+        raise PctuneError(f"{field}: {path}: cannot write there ({first_line(exc)})") from exc
+
+
+# -- resources ----------------------------------------------------------------------------------------
+def check_local_resources(job: Job) -> str:
+    """A trial's CPUs and GPUs against this machine's, when the search would start a local Ray."""
+    address = job.run.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return f"cluster {address} (resources checked when the search joins it)"
+    cpus, gpus = os.cpu_count() or 1, _local_gpus()
+    for key, have, flag in (("cpu", cpus, "--cpus-per-trial"), ("gpu", gpus, "--gpus-per-trial")):
+        want = job.search.resources[key]
+        if want > have:
+            raise PctuneError(f"{job.source}: search.resources.{key} = {want:g} per trial but this machine has "
+                              f"{have:g} {key.upper()}s; lower it ({flag}) or run on a cluster (--address)")
+    return f"local Ray ({cpus} CPUs, {gpus} GPUs)"
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
