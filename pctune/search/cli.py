@@ -75,6 +75,8 @@ def add_search_commands(commands) -> None:
     sync.add_argument("job", help="a job name in jobs/ or a job TOML path")
     _job_flags(sync)
     sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
+    sync.add_argument("--register-incomplete", action="store_true",
+                      help="register the best configuration as @champion even if the search did not run to its end")
     sync.set_defaults(handler=_sync)
 
 
@@ -119,7 +121,7 @@ def _sync(args: argparse.Namespace) -> int:
     from pctune.search.job import load_job
 
     job = load_job(args.job, job_overrides(args))
-    sync(job, args.tracking_uri)
+    sync(job, args.tracking_uri, register_incomplete=args.register_incomplete)
     return 0
 
 
