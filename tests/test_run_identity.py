@@ -133,5 +133,44 @@ def test_sync_of_a_killed_search_says_incomplete_and_registers_no_champion(tmp_p
     assert main(["sync", "demo", "--storage-path", str(run.path.parent), "--register-incomplete"]) == 0
     out = capsys.readouterr().out
     assert "registered model 'demo' version 1 as @champion" in out, out
-    assert client.get_model_version_by_alias("demo", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("demo", "champion").version) == "1"
     assert client.get_run(parent[0].info.run_id).info.status == "KILLED"
+
+
+def test_an_older_run_directory_is_compared_by_its_recorded_job():
+    """Case 1, run directories of pctune before the fingerprint: their job.json's `job` is compared
+    field by field (the digests cannot be)."""
+    from dataclasses import asdict
+
+    from pctune.search.identity import config_fields, recorded_fields
+    from pctune.search.job import load_job
+
+    old = recorded_fields({"job": asdict(load_job("demo")), "space_description": "default: beta=[0, 1]"})
+    new = config_fields(asdict(load_job("demo", {"objective.sigma": 0.9, "search.num_samples": 7,
+                                                 "search.max_concurrent_trials": 3, "run.storage_path": "/x"})))
+    assert {k for k in old.keys() & new.keys() if old[k] != new[k]} == {"objective.sigma"}
+    assert "search.space_description" in old and "data.digest" not in old
+
+
+def _trial(stage: Path, index: int, final: bool) -> None:
+    folder = stage / f"run_trial_{index:08x}_{index}_x"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text("{}")
+    (folder / "result.json").write_text(json.dumps({"mean_ce": 0.5, "trial_id": f"t{index}", "final": float(final)}))
+
+
+def test_a_run_directory_knows_whether_its_search_finished(tmp_path):
+    """Case 9: the driver's recorded state decides; without one (an older pctune), the finished trials
+    against the recorded num_samples."""
+    run = RunDir(tmp_path)
+    (tmp_path / "job.json").write_text(json.dumps({"strategy": "joint", "job": {"search": {"num_samples": 3}}}))
+    for i in range(2):
+        _trial(tmp_path / "joint", i, final=True)
+    _trial(tmp_path / "joint", 2, final=False)  # still running when the driver was killed
+    assert run.search_progress() == (2, 3) and not run.search_complete()
+    (tmp_path / "joint" / "run_trial_00000002_2_x" / "result.json").write_text(json.dumps({"mean_ce": 0.4}))
+    assert run.search_progress() == (3, 3) and run.search_complete()
+    run.record_search_state("running", 5)  # resumed to extend it, then killed
+    assert run.search_progress() == (3, 5) and not run.search_complete()
+    run.record_search_state("finished", 5)
+    assert run.search_complete()

@@ -38,7 +38,8 @@ def add_search_commands(commands) -> None:
                                              "Flags override the job's fields.")
     search.add_argument("job", help="a job name in jobs/ (e.g. demo) or a job TOML path")
     _job_flags(search)
-    search.add_argument("--num-samples", type=int, help="trials (per pcoder with the per-pcoder strategy)")
+    search.add_argument("--num-samples", type=int, help="trials (per pcoder with the per-pcoder strategy); with "
+                                                         "--resume, a larger count extends the search")
     search.add_argument("--max-concurrent", type=int, help="trials running at once")
     search.add_argument("--sampler", choices=list(SAMPLERS),
                         help="; ".join(f"{name}: {kind.description}" for name, kind in SAMPLERS.items()))
@@ -59,7 +60,8 @@ def add_search_commands(commands) -> None:
     search.add_argument("--cpus-per-trial", type=float)
     search.add_argument("--tracking-uri", help="MLflow tracking URI")
     search.add_argument("--experiment", help="MLflow experiment name")
-    search.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    search.add_argument("--resume", action="store_true",
+                        help="continue an interrupted search of the same job (a changed job is refused)")
     search.add_argument("--overwrite", action="store_true", help="delete an earlier search of this job first")
     search.add_argument("--verbose", action="store_true", help="also show Ray Tune's status tables")
     search.set_defaults(handler=_search)

@@ -151,8 +151,12 @@ def recorded_fields(record: dict[str, Any]) -> dict[str, Any]:
 def check_resume(run_dir: RunDir, prep: Prepared, identity: dict[str, Any]) -> None:
     """``--resume`` of ``run_dir`` with the job of ``prep``: a one-line error naming every identity
     field that differs (old -> new), or a smaller ``--num-samples``; nothing is written."""
-    record = run_dir.job_record()
-    if not record:
+    try:
+        record = run_dir.job_record()
+    except ValueError as exc:  # cut short or edited: what it held cannot be compared
+        raise PctuneError(f"{run_dir / 'job.json'} is unreadable ({exc}): cannot check that --resume continues the "
+                          "same job; pass --overwrite to start this job over") from exc
+    if not isinstance(record, dict) or not record:
         return
     old, new = recorded_fields(record), identity["fields"]
     changed = [f"{key} {' -> '.join(_shown(old[key], new[key]))}" for key in sorted(old.keys() & new.keys())
