@@ -42,7 +42,6 @@ def test_resume_of_a_changed_job_is_refused_and_changes_nothing(tmp_path, capsys
     assert _search(job, storage, "--num-samples", "2") == 0
     run = storage / "demojob"
     before = _files(run)
-    assert json.loads(before["job.json"])["fingerprint"]["fields"]["objective.sigma"] == 0.5
     space = tmp_path / "other-space.toml"
     space.write_text((ROOT / "search_spaces" / "demo.toml").read_text().replace("high = 1.0", "high = 0.8"))
     changes = [(["--set", "objective.sigma=0.9"], "objective.sigma 0.5 -> 0.9"),
@@ -59,6 +58,7 @@ def test_resume_of_a_changed_job_is_refused_and_changes_nothing(tmp_path, capsys
         if flags[0] != "--num-samples":
             assert "--overwrite" in err and "--storage-path" in err, err
         assert _files(run) == before, f"{flags} changed the run directory"
+    assert json.loads(before["job.json"])["fingerprint"]["fields"]["objective.sigma"] == 0.5
 
 
 @pytest.mark.slow
@@ -117,9 +117,8 @@ def test_sync_of_a_killed_search_says_incomplete_and_registers_no_champion(tmp_p
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run = _killed_search(tmp_path, uri)
-    assert not run.search_complete()
-    ended, expected = run.search_progress()
-    assert 3 <= ended < 40 and expected == 40
+    ended = sum(t.finished for t in run.trials("joint"))
+    assert 3 <= ended < 40
     capsys.readouterr()
     assert main(["sync", "demo", "--storage-path", str(run.path.parent)]) == 0
     out = capsys.readouterr().out
@@ -135,6 +134,7 @@ def test_sync_of_a_killed_search_says_incomplete_and_registers_no_champion(tmp_p
     assert "registered model 'demo' version 1 as @champion" in out, out
     assert str(client.get_model_version_by_alias("demo", "champion").version) == "1"
     assert client.get_run(parent[0].info.run_id).info.status == "KILLED"
+    assert not run.search_complete() and run.search_progress() == (ended, 40)
 
 
 def test_an_older_run_directory_is_compared_by_its_recorded_job():
