@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pctune.errors import PctuneError
+from pctune.search.identity import check_resume, digest_arrays, evaluation_arrays, fingerprint
 from pctune.search.job import Job
 from pctune.search.prepare import check_paths, prepare
 from pctune.search.rundir import RunDir
@@ -35,6 +36,8 @@ def check(job: Job, log: Log = print) -> dict[str, Any]:
     check_paths(job)
     run = check_run_directory(job)
     prep = prepare(job, log=lambda _message: None)
+    if run == "resume":
+        check_resume(RunDir(job.run_dir), prep, fingerprint(prep, digest_arrays(evaluation_arrays(prep))))
     uri = resolve_tracking_uri(job.tracking.tracking_uri)
     check_reachable(uri)
     cluster = check_local_resources(job)

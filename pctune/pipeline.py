@@ -25,6 +25,8 @@ from pctune.tracking.store import check_reachable, resolve_tracking_uri, ui_comm
 from pctune.utils import first_line
 
 Log = Callable[[str], None]
+#: the parent run's tag that says whether the search ran to its end ("true") or not ("false")
+COMPLETE_SEARCH_TAG = "pctune.search_complete"
 
 
 def search(job: Job, log: Log = print) -> dict[str, Any]:
@@ -99,9 +101,10 @@ def _parent_params(job: Job, run_dir: RunDir) -> dict[str, Any]:
 
 
 # -- sync -------------------------------------------------------------------------------------------
-def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
+def sync(job: Job, uri: str | None = None, log: Log = print, register_incomplete: bool = False) -> dict[str, Any]:
     """``pctune sync``: upload what MLflow is missing of ``job``'s search: trials, the summary, the
-    champion."""
+    champion. A search that did not run to its end (killed, stopped) leaves its parent run KILLED and
+    tagged ``pctune.search_complete = false``, and registers no champion unless ``register_incomplete``."""
     from pctune.tracking.summary import log_search_summary
 
     run_dir = RunDir(job.run_dir)
@@ -109,6 +112,8 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     uri = uri or resolve_tracking_uri(job.tracking.tracking_uri or run_dir.tracking_uri())
     check_reachable(uri)
     tracker = open_tracker(job, uri)
+    complete = run_dir.search_complete()
+    tracker.client.set_tag(tracker.parent_id, COMPLETE_SEARCH_TAG, str(complete).lower())
     entries = run_dir.entries()  # read once: the trials to log and the winner come from the same entries
     trials = [e for e in entries if e.kind == "trial"]
     added = tracker.log_missing((t.trial_id, t.config, t.metrics, t.curve) for t in trials)
@@ -131,11 +136,27 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     if best is None:
         log("MLflow: no champion registered: no configuration finished without diverging"
             + (" and meeting every constraint" if robust and robust.constraints else ""))
-    else:
+    elif complete or register_incomplete:
         register(job, tracker, best, log)
-    tracker.finish()
+    if not complete:
+        _report_incomplete(job, run_dir, best, register_incomplete, log)
+    tracker.finish("FINISHED" if complete else "KILLED")
     return {"added": added, "trials": len(trials), "parent_run_id": tracker.parent_id,
-            "experiment_id": tracker.experiment_id, **summary}
+            "experiment_id": tracker.experiment_id, "complete": complete, **summary}
+
+
+def _report_incomplete(job: Job, run_dir: RunDir, best: Entry | None, registered: bool, log: Log) -> None:
+    """The log line of a sync of a search that did not run to its end."""
+    ended, expected = run_dir.search_progress()
+    if registered and best is not None:
+        champion = "its best so far registered as @champion (--register-incomplete)"
+    elif best is not None:
+        champion = (f"no @champion registered (`pctune sync {job.name} --register-incomplete` would register its "
+                    f"best so far, {best.kind} {best.key})")
+    else:
+        champion = "no @champion registered"
+    log(f"MLflow: the search of {job.name} is incomplete ({ended} of {expected} trials finished): parent run "
+        f"KILLED, tagged {COMPLETE_SEARCH_TAG}=false; {champion}; `pctune search {job.name} --resume` finishes it")
 
 
 def _log_tradeoff(tracker: SearchTracker, entries: list[Entry], robust, run_dir: RunDir, best: Entry | None) -> None:

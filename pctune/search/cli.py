@@ -58,6 +58,8 @@ def add_search_commands(commands) -> None:
     sync.add_argument("job", help="a job name in jobs/ or a job TOML path")
     _job_flags(sync)
     sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
+    sync.add_argument("--register-incomplete", action="store_true",
+                      help="register the best configuration as @champion even if the search did not run to its end")
     sync.set_defaults(handler=_sync)
 
 
@@ -65,7 +67,8 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of ``pctune search`` (``pctune check`` takes the same, to check the same search)."""
     parser.add_argument("job", help="a job name in jobs/ (e.g. demo) or a job TOML path")
     _job_flags(parser)
-    parser.add_argument("--num-samples", type=int, help="trials (per pcoder with the per-pcoder strategy)")
+    parser.add_argument("--num-samples", type=int, help="trials (per pcoder with the per-pcoder strategy); with "
+                                                         "--resume, a larger count extends the search")
     parser.add_argument("--max-concurrent", type=int, help="trials running at once")
     parser.add_argument("--sampler", choices=list(SAMPLERS),
                         help="; ".join(f"{name}: {kind.description}" for name, kind in SAMPLERS.items()))
@@ -86,7 +89,8 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-trial", type=float)
     parser.add_argument("--tracking-uri", help="MLflow tracking URI")
     parser.add_argument("--experiment", help="MLflow experiment name")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted search of the same job (a changed job is refused)")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier search of this job first")
     parser.add_argument("--verbose", action="store_true", help="also show Ray Tune's status tables")
 
@@ -142,7 +146,7 @@ def _sync(args: argparse.Namespace) -> int:
     from pctune.search.job import load_job
 
     job = load_job(args.job, job_overrides(args))
-    sync(job, args.tracking_uri)
+    sync(job, args.tracking_uri, register_incomplete=args.register_incomplete)
     return 0
 
 

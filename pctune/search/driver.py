@@ -18,7 +18,6 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,9 @@ from pctune.errors import Interrupted, PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, StateSnapshots
 from pctune.search.cam import cam_objective
+from pctune.search.extend import restore_tuner
 from pctune.search.grid import GRID_STRATEGY, make_grid_searcher
+from pctune.search.identity import check_resume, evaluation_arrays, fingerprint, job_record
 from pctune.search.job import Job
 from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_paths, prepare
 from pctune.search.rundir import COMBINATION, JOB, MARKER, REFERENCES, RunDir, Trial, load_trials
@@ -95,17 +96,16 @@ def _runtime_env() -> dict:
     return {"py_modules": [str(Path(pctune.__file__).parent)]}
 
 
-def trial_setup(prep: Prepared) -> TrialPayload:
-    """Put the model and the noisy images into the object store (once per search)."""
+def trial_setup(prep: Prepared, data_key: str | None = None) -> TrialPayload:
+    """Put the model and the noisy images into the object store (once per search; ``data_key``: their
+    digest, when already computed)."""
     import ray
 
     state = state_arrays(prep.net)
-    data = {"images": prep.images, "labels": prep.labels, **prep.masks}
-    if prep.conditions:  # a robust objective: every condition's images (the first's are `images`)
-        data = {"labels": prep.labels, **{f"images/{name}": images for name, images in prep.conditions.items()}}
+    data = evaluation_arrays(prep)
     search = prep.job.search
     return TrialPayload(spec=prep.spec, model_key=digest_arrays(state), model_ref=ray.put(state),
-                      data_key=digest_arrays(data), data_ref=ray.put(data),
+                      data_key=data_key or digest_arrays(data), data_ref=ray.put(data),
                       timesteps=prep.job.objective.timesteps, batch_size=prep.job.objective.batch_size,
                       penalty=prep.penalty, checkpoint=search.scheduler == "hyperband", cache_gb=search.cache_gb,
                       report_at=tuple(report_points(len(prep.labels), search.scheduler, search.grace_images,
@@ -134,28 +134,48 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
 
     run_dir = RunDir(job.run_dir)
     check_paths(job)
-    _claim_run_dir(job, run_dir, log)
+    resuming = job.resume and run_dir.has_search()
+    if not resuming:
+        _claim_run_dir(job, run_dir, log)
     prep = prepare(job, log)
+    data_key = digest_arrays(evaluation_arrays(prep))
+    identity = fingerprint(prep, data_key)
+    if resuming:  # the same job, or nothing in the run directory changes
+        check_resume(run_dir, prep, identity)
+        _claim_run_dir(job, run_dir, log)
     connect(job.run.address, log)
     check_resources(job, log)
     check_ray_version(log)
-    setup = trial_setup(prep)
-    run_dir.write_json(JOB, _job_record(prep))
+    setup = trial_setup(prep, data_key)
+    run_dir.write_json(JOB, job_record(prep, identity))
+    expected = _expected_trials(prep)
+    run_dir.record_search_state("running", expected)  # what a killed driver leaves: `sync` knows
     log(f"search: {job.name} ({_plan(prep)}, {job.search.max_concurrent_trials} at a time) on "
         f"{len(prep.labels)} images; results in {run_dir.path}")
-    score_references(prep, setup, run_dir, log)
     try:
+        score_references(prep, setup, run_dir, log)
         if job.search.strategy == "joint":
             run_joint(prep, setup, log, callbacks)
         elif job.search.strategy == GRID_STRATEGY:
             _single_pcoder_grid(prep, setup, log, callbacks)
         else:
             _per_pcoder(prep, setup, run_dir, log, callbacks)
-    except SearchInterrupted:
-        with contextlib.suppress(PctuneError):
-            write_results(job, log=log)  # what finished so far
+    except BaseException as exc:
+        run_dir.record_search_state("stopped", expected)
+        if isinstance(exc, SearchInterrupted):
+            with contextlib.suppress(PctuneError):
+                write_results(job, log=log)  # what finished so far
         raise
-    return write_results(job, log=log)
+    summary = write_results(job, log=log)
+    run_dir.record_search_state("finished", expected)
+    return summary
+
+
+def _expected_trials(prep: Prepared) -> int:
+    """The trials the whole search runs: num_samples (per pcoder), or every grid point."""
+    if prep.job.search.strategy == GRID_STRATEGY:
+        return sum(len(g.points) for g in prep.grids)
+    return prep.job.search.num_samples * (prep.space.num_pcoders if prep.job.search.strategy == "per-pcoder" else 1)
 
 
 def _plan(prep: Prepared) -> str:
@@ -299,8 +319,7 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
             log(f"[{stage}] already finished")
             return
         log(f"[{stage}] restoring {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(job, setup), resume_unfinished=True,
-                                   resume_errored=False)
+        tuner = restore_tuner(exp_dir, _trainable(job, setup), num_samples)  # a larger num_samples extends it
     else:
         tuner = _tuner(prep, setup, stage, searcher(), num_samples, callbacks)
     start = time.perf_counter()
@@ -364,7 +383,8 @@ def _per_pcoder(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log, 
         log(f"[{stage}] winner beta={winners[-1][0]:.4g} lambda={winners[-1][1]:.4g} alpha={winners[-1][2]:.4g} "
             f"({_scores(prep.job, best.metrics)})")
     combined = Hyperparameters(*(list(col) for col in zip(*winners, strict=True)))
-    if run_dir.read_json(COMBINATION) is None:
+    earlier = run_dir.read_json(COMBINATION)
+    if earlier is None or earlier.get("config") != hparams_to_config(combined):  # new, or new winners (extended)
         result = evaluate_points(setup, {"combination": combined}, prep.job.search.resources)["combination"]
         run_dir.write_json(COMBINATION, result)
         log(f"combination of the per-pcoder winners: {_scores(prep.job, result['metrics'])}")
@@ -388,15 +408,3 @@ def _unique(points: list[StartingPoint]) -> list[StartingPoint]:
             out.append(p)
     return out
 
-
-def _job_record(prep: Prepared) -> dict:
-    job = prep.job
-    metric, mode = job.objective.goal()  # what RunDir.goal reads back: the ranking's metric and direction
-    return {"name": job.name, "source": str(Path(job.source).resolve()), "model": prep.spec.name,
-            "num_pcoders": prep.net.num_pcoders, "space": str(job.space_path.resolve()),
-            "space_description": prep.space.describe(), "strategy": job.search.strategy,
-            "metric": metric, "mode": mode, "penalty": prep.penalty, "num_images": len(prep.labels),
-            "unreadable_images": prep.unreadable,
-            "starting_points": [{"label": p.label, "config": hparams_to_config(p.hparams)}
-                                for p in prep.starting_points],
-            "job": asdict(job)}

@@ -10,6 +10,7 @@ Layout of ``<storage_path>/<job name>`` (default ``./pctune_runs/<job>``):
     sweep.csv, sweep.png      single-pcoder-grid: every grid point's score, and the heatmaps per pcoder
     .STAGE.early-stops.json   trials a scheduler (asha, hyperband) stopped before their last image
     tracking.json       the search's MLflow identity (search id, tracking URI, experiment)
+    search-state.json   whether the search is running, stopped or finished, and the trials it asks for
     leaderboard.csv, best.toml   written by ``pctune results`` (and at the end of a search)
     promotion/<rankN>/<stage>/   promotion results, one folder per promoted configuration
 
@@ -45,6 +46,8 @@ BEST = "best.toml"
 SWEEP_CSV = "sweep.csv"
 SWEEP_PNG = "sweep.png"
 PROMOTION = "promotion"
+SEARCH_STATE = "search-state.json"
+SEARCH_STATES = ("running", "stopped", "finished")
 MARKER = ".pctune-run"  # written when pctune creates a run directory: only such a folder is ever removed
 
 _STAGE_DIR = re.compile(r"^(joint|pcoder(\d+))$")
@@ -219,7 +222,8 @@ class RunDir:
         if (self.path / MARKER).is_file():
             return True
         names = {p.name for p in self.path.iterdir()}
-        own = {JOB, REFERENCES, COMBINATION, TRACKING, LEADERBOARD, BEST, PROMOTION, SWEEP_CSV, SWEEP_PNG, "summary"}
+        own = {JOB, REFERENCES, COMBINATION, TRACKING, SEARCH_STATE, LEADERBOARD, BEST, PROMOTION, SWEEP_CSV,
+               SWEEP_PNG, "summary"}
         return JOB in names and all(n in own or _STAGE_DIR.match(n) or _OWN_HIDDEN.match(n) for n in names)
 
     # -- the job record -----------------------------------------------------------------------------
@@ -242,6 +246,36 @@ class RunDir:
         (``ObjectiveConfig.goal``; searches from before ``cam_iou``: ``("mean_ce", "min")``)."""
         record = self.job_record()
         return str(record.get("metric", METRIC)), str(record.get("mode", MODE))
+
+    # -- the search's state ----------------------------------------------------------------------------
+    def record_search_state(self, state: str, expected_trials: int) -> None:
+        """What the driver says of its search: ``running`` (also what a killed driver leaves),
+        ``stopped`` (interrupted or failed) or ``finished``, and how many trials it asks for."""
+        assert state in SEARCH_STATES, state
+        self.write_json(SEARCH_STATE, {"state": state, "expected_trials": int(expected_trials)})
+
+    def search_progress(self) -> tuple[int, int]:
+        """(trials ended, trials the search asks for): from search-state.json, or (a run of an older
+        pctune) from job.json's num_samples per stage (a grid sweep: the trials on disk)."""
+        ended = sum(1 for s in self.stages() for t in self.trials(s) if t.status in ("TERMINATED", "ERROR"))
+        state = self.read_json(SEARCH_STATE) or {}
+        if "expected_trials" in state:
+            return ended, int(state["expected_trials"])
+        record = self.job_record()
+        stages = 1 if record.get("strategy", "joint") == "joint" else int(record.get("num_pcoders", 1))
+        if record.get("strategy") == "single-pcoder-grid":
+            return ended, sum(len(self.trials(s)) for s in self.stages()) + stages - min(stages, len(self.stages()))
+        return ended, stages * int(record.get("job", {}).get("search", {}).get("num_samples", 0))
+
+    def search_complete(self) -> bool:
+        """Did the search run to its end? Its recorded state says so (``finished``); a run directory of
+        an older pctune: every trial it asks for ended (and the per-pcoder combination is scored)."""
+        state = self.read_json(SEARCH_STATE)
+        if state is not None:
+            return state.get("state") == "finished"
+        ended, expected = self.search_progress()
+        per_pcoder = self.job_record().get("strategy") == "per-pcoder"
+        return ended >= expected > 0 and (not per_pcoder or (self.path / COMBINATION).is_file())
 
     # -- files ----------------------------------------------------------------------------------------
     def read_json(self, name: str) -> Any:
