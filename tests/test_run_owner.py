@@ -175,6 +175,28 @@ def test_the_lock_is_reentrant_and_released_on_every_exit(tmp_path):
         assert not (tmp_path / "new").exists()  # created by this command and left empty: removed
 
 
+def test_the_heartbeat_keeps_a_held_lock_fresh(tmp_path, monkeypatch):
+    """Case 2: while held, the lock's mtime is refreshed (what another host reads as the heartbeat), and
+    `check_free` (a check that takes nothing) reports the live owner the way a second writer is told."""
+    from pctune.errors import PctuneError
+    from pctune.search import runlock
+
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.1)
+    run_dir = tmp_path / "demo"
+    holder = _hold_lock(run_dir)
+    try:
+        with pytest.raises(PctuneError, match=f"is in use by `pctune search demo` \\(pid {holder.pid} on "):
+            runlock.check_free(run_dir)
+    finally:
+        holder.communicate("")
+    runlock.check_free(run_dir)  # free again
+    with runlock.run_lock(run_dir, "pctune search demo"):
+        lock = run_dir / ".pctune-lock"
+        os.utime(lock, (time.time() - 3600, time.time() - 3600))
+        time.sleep(0.5)
+        assert time.time() - lock.stat().st_mtime < 5
+
+
 def _race(run_dir: str, start: float, results) -> None:
     from pctune.errors import PctuneError
     from pctune.search.runlock import run_lock
@@ -215,15 +237,10 @@ def test_overwrite_removes_exactly_what_pctune_wrote_and_refuses_on_anything_els
     `--overwrite` of a run that holds notes.md (at the top, or inside joint/) refuses naming it and
     removes nothing; an overwrite refused by a later check removes nothing either; of a clean run it
     removes exactly the manifest's entries."""
-    from pctune.search.manifest import read_manifest
-
     storage = tmp_path / "runs"
     run_dir = storage / "demo"
     search = ["search", "demo", "--storage-path", str(storage), "--num-samples", "2", "--set", "data.num_images=60"]
     assert main(search) == 0
-    entries = read_manifest(run_dir)
-    assert entries == {p.name for p in run_dir.iterdir()} - {".pctune-run"}  # nothing written unlisted
-    assert {"job.json", "references.json", "joint", ".joint.tune-state.json", "summary", "tracking.json"} <= entries
     capsys.readouterr()
     for notes in (run_dir / "notes.md", run_dir / "joint" / "notes.md"):
         notes.write_text("keep")
@@ -235,6 +252,9 @@ def test_overwrite_removes_exactly_what_pctune_wrote_and_refuses_on_anything_els
                        "nothing; move them out of the folder (or choose another --storage-path) and run it again")
         assert _listing(run_dir) == before and notes.read_text() == "keep"
         notes.unlink()
+    entries = set(json.loads((run_dir / ".pctune-run").read_text())["entries"])  # the manifest
+    assert entries == {p.name for p in run_dir.iterdir()} - {".pctune-run"}  # nothing written unlisted
+    assert {"job.json", "references.json", "joint", ".joint.tune-state.json", "summary", "tracking.json"} <= entries
     before = _listing(run_dir)
     assert main([*search, "--overwrite", "--cpus-per-trial", "64"]) == 2  # refused after Ray started
     assert "search.resources.cpu = 64" in capsys.readouterr().err and _listing(run_dir) == before

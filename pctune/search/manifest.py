@@ -41,7 +41,8 @@ _INSIDE = {
     "stage": re.compile(r"^(experiment_state-.*\.json|searcher-state-.*\.pkl|search_gen_state-.*\.json"
                         r"|basic-variant-state-.*\.json|tuner\.pkl|trainable\.pkl|\.validate_storage_marker"
                         r"|.*_[0-9a-f]{5,}_\d+_.*|.*\.tmp)$"),
-    "summary": re.compile(r"^[\w.-]+\.(csv|png|json|html)$"),
+    "summary": re.compile(r"^(leaderboard\.csv|score_over_trials\.png|accuracy_per_timestep\.png"
+                          r"|param_importances\.png|tradeoff\.csv|tradeoff\.png|.*\.tmp)$"),
     "promotion": re.compile(r"^rank\d+$"),
 }
 _write = threading.Lock()

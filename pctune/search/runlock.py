@@ -166,11 +166,27 @@ def _take(run_dir: Path, record: bytes, log: Log) -> None:
             continue
         reason = stale_reason(owner, path)
         if reason is None:
-            raise PctuneError(f"{run_dir} is in use by {_describe(owner)}: wait for it to finish (or stop it); "
-                              f"a lock whose owner is gone is taken over automatically, see {path}")
+            raise _in_use(run_dir, owner)
         if _move_aside(path, owner):
             log(f"taking over the stale lock of {run_dir} ({_describe(owner)}: {reason})")
     raise PctuneError(f"{run_dir}: could not take the lock {path} (other processes keep taking it); try again")
+
+
+def _in_use(run_dir: Path, owner: dict) -> PctuneError:
+    return PctuneError(f"{run_dir} is in use by {_describe(owner)}: wait for it to finish (or stop it); "
+                       f"a lock whose owner is gone is taken over automatically, see {lock_path(run_dir)}")
+
+
+def check_free(run_dir: str | Path) -> None:
+    """Without taking it: the PctuneError a second writer would get when another live process holds
+    the lock of ``run_dir`` (for checks that run before a command, such as ``pctune check``)."""
+    run_dir = Path(run_dir).resolve()
+    with _guard:
+        if run_dir in _held:
+            return
+    owner = _settled_owner(lock_path(run_dir))
+    if owner is not None and stale_reason(owner, lock_path(run_dir)) is None:
+        raise _in_use(run_dir, owner)
 
 
 def _settled_owner(path: Path) -> dict | None:
@@ -254,8 +270,8 @@ def _heartbeat(held: Held, log: Log) -> None:
     while not held.stop.wait(HEARTBEAT_S):
         owner = read_owner(path)
         if owner is None or owner.get("token") != held.token:
-            log(f"warning: the lock {path} was taken over by {_describe(owner or {})}; this process no "
-                "longer owns the run directory")
+            taken = f"taken over by {_describe(owner)}" if owner is not None else "removed"
+            log(f"warning: the lock {path} was {taken}; this process no longer owns the run directory")
             return
         with contextlib.suppress(OSError):
             os.utime(path)
