@@ -52,10 +52,6 @@ class Held:
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
-    @property
-    def created_run_dir(self) -> bool:
-        return bool(self.created) and self.created[0] == self.path
-
 
 _held: dict[Path, Held] = {}
 _guard = threading.RLock()
