@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from pctune.errors import PctuneError
+from pctune.search.claim import check_location, claim_plan
 from pctune.search.identity import check_resume, digest_arrays, evaluation_arrays, fingerprint
 from pctune.search.job import Job
 from pctune.search.prepare import check_paths, prepare
 from pctune.search.rundir import RunDir
+from pctune.search.runlock import check_free
 from pctune.tracking.store import check_reachable, resolve_tracking_uri
 from pctune.utils import first_line
 
@@ -36,7 +38,7 @@ def check(job: Job, log: Log = print) -> dict[str, Any]:
     check_paths(job)
     run = check_run_directory(job)
     prep = prepare(job, log=lambda _message: None)
-    if run == "resume":
+    if run == "resume":  # the same job, or the search would refuse
         check_resume(RunDir(job.run_dir), prep, fingerprint(prep, digest_arrays(evaluation_arrays(prep))))
     uri = resolve_tracking_uri(job.tracking.tracking_uri)
     check_reachable(uri)
@@ -58,12 +60,16 @@ def _plan(job: Job) -> str:
 # -- the run directory --------------------------------------------------------------------------------
 def check_run_directory(job: Job) -> str:
     """What a search would do with its run directory ("new", "resume", "overwrite"), with the
-    search's own refusals; the storage path must be a folder this process can write (probed)."""
-    from pctune.search.driver import plan_run_dir
-
-    action = plan_run_dir(job, RunDir(job.run_dir))
+    search's own refusals (the location, an earlier search, files pctune did not write, another
+    command holding its lock); the storage path must be a folder this process can write (probed)."""
+    run_dir = RunDir(job.run_dir)
+    check_location(job)
+    check_free(run_dir.path)
+    removed = claim_plan(job, run_dir)
     _check_writable(Path(job.run.storage_path).expanduser().resolve(), "run.storage_path")
-    return action
+    if removed:
+        return f"overwrite: would remove {', '.join(n for n in removed if not n.startswith('.'))}"
+    return "resume" if job.resume and run_dir.has_search() else "new"
 
 
 def _check_writable(path: Path, field: str) -> None:

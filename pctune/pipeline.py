@@ -20,6 +20,7 @@ from pctune.errors import Interrupted, PctuneError
 from pctune.search.job import Job
 from pctune.search.prepare import load_job_model
 from pctune.search.rundir import PROMOTION, SWEEP_CSV, SWEEP_PNG, Entry, RunDir, front_members, rank
+from pctune.search.runlock import run_lock
 from pctune.tracking.runs import SearchTracker
 from pctune.tracking.store import check_reachable, resolve_tracking_uri, ui_command
 from pctune.utils import first_line
@@ -31,12 +32,20 @@ COMPLETE_SEARCH_TAG = "pctune.search_complete"
 
 def search(job: Job, log: Log = print) -> dict[str, Any]:
     """``pctune search``: check the tracking store first, log trials as they finish, then sync the
-    summary and the champion, then promote (if the job's ``[promotion]`` says so)."""
-    from pctune.search.driver import run_search
-    from pctune.tracking.search import MlflowTrialLogger
+    summary and the champion, then promote (if the job's ``[promotion]`` says so), holding the run
+    directory's lock throughout."""
+    from pctune.search.claim import search_lock
 
     uri = resolve_tracking_uri(job.tracking.tracking_uri)
     check_reachable(uri)
+    with search_lock(job, log):
+        return _search(job, uri, log)
+
+
+def _search(job: Job, uri: str, log: Log) -> dict[str, Any]:
+    from pctune.search.driver import run_search
+    from pctune.tracking.search import MlflowTrialLogger
+
     # A server that dies mid-search must cost seconds, not MLflow's default minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -103,14 +112,20 @@ def _parent_params(job: Job, run_dir: RunDir) -> dict[str, Any]:
 # -- sync -------------------------------------------------------------------------------------------
 def sync(job: Job, uri: str | None = None, log: Log = print, register_incomplete: bool = False) -> dict[str, Any]:
     """``pctune sync``: upload what MLflow is missing of ``job``'s search: trials, the summary, the
-    champion. A search that did not run to its end (killed, stopped) leaves its parent run KILLED and
-    tagged ``pctune.search_complete = false``, and registers no champion unless ``register_incomplete``."""
-    from pctune.tracking.summary import log_search_summary
-
+    champion, holding the run directory's lock. A search that did not run to its end (killed, stopped)
+    leaves its parent run KILLED and tagged ``pctune.search_complete = false``, and registers no champion
+    unless ``register_incomplete``."""
     run_dir = RunDir(job.run_dir)
     run_dir.require_search(job.name)
     uri = uri or resolve_tracking_uri(job.tracking.tracking_uri or run_dir.tracking_uri())
     check_reachable(uri)
+    with run_lock(run_dir.path, f"pctune sync {job.name}", log):
+        return _sync(job, run_dir, uri, log, register_incomplete)
+
+
+def _sync(job: Job, run_dir: RunDir, uri: str, log: Log, register_incomplete: bool) -> dict[str, Any]:
+    from pctune.tracking.summary import log_search_summary
+
     tracker = open_tracker(job, uri)
     complete = run_dir.search_complete()
     tracker.client.set_tag(tracker.parent_id, COMPLETE_SEARCH_TAG, str(complete).lower())
@@ -124,7 +139,7 @@ def sync(job: Job, uri: str | None = None, log: Log = print, register_incomplete
     scored = [t for t in trials if t.full_fidelity]  # the plots and importances compare final scores only
     if scored:
         frame = pd.DataFrame([{"trial_id": t.trial_id, **t.config, **t.metrics} for t in scored])
-        summary = log_search_summary(tracker, frame, _baselines(run_dir), run_dir / "summary",
+        summary = log_search_summary(tracker, frame, _baselines(run_dir), run_dir.register("summary"),
                                      best={**best.metrics, **best.params} if best else None, score=metric,
                                      mode=mode)
     sweep = [run_dir / name for name in (SWEEP_CSV, SWEEP_PNG) if (run_dir / name).is_file()]
@@ -174,7 +189,7 @@ def _log_tradeoff(tracker: SearchTracker, entries: list[Entry], robust, run_dir:
     champion = {"rule": robust.champion_rule()}
     if best is not None and robust.constraints:
         champion["feasible"] = str(best.feasible)
-    log_tradeoff(tracker, points, axes, run_dir / "summary", champion)
+    log_tradeoff(tracker, points, axes, run_dir.register("summary"), champion)
 
 
 def _baselines(run_dir: RunDir) -> dict[str, dict]:
@@ -237,15 +252,22 @@ def candidates(job: Job, top_k: int) -> list[Candidate]:
 
 def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None, log: Log = print) -> dict[str, Any]:
     """``pctune promote``: the k best configurations through the job's promotion stages, each into
-    ``<run dir>/promotion/<rankN>/<stage>/`` and one nested MLflow run per configuration."""
-    from pctune.evaluate.stages import run_stage, stage_images
-
+    ``<run dir>/promotion/<rankN>/<stage>/`` and one nested MLflow run per configuration (holding the
+    run directory's lock)."""
     stages = list(stages if stages is not None else job.promotion.stages)
     if not stages:
         raise PctuneError(f"{job.source}: no promotion stages (set [promotion] stages or pass --stages)")
+    RunDir(job.run_dir).require_search(job.name)
+    with run_lock(job.run_dir, f"pctune promote {job.name}", log):
+        return _promote(job, top_k, stages, log)
+
+
+def _promote(job: Job, top_k: int | None, stages: list[str], log: Log) -> dict[str, Any]:
+    from pctune.evaluate.stages import run_stage, stage_images
+
     chosen = candidates(job, top_k or job.promotion.top_k)
     _, net = load_job_model(job, log=log)
-    root = RunDir(job.run_dir) / PROMOTION
+    root = RunDir(job.run_dir).register(PROMOTION)
     summary: dict[str, Any] = {}
     for cand in chosen:
         metric = RunDir(job.run_dir).goal()[0]

@@ -74,8 +74,16 @@ def test_check_sees_an_earlier_search_of_the_job(tmp_path):
                             'run.if_exists="error"'])
     assert code == 2 and "already holds a search of demo: pass --resume" in err, err
     code, _out, err = _run(["check", "demo", "--storage-path", str(tmp_path / "runs"), "--overwrite"])
-    assert code == 2 and "not removing it" in err, err
+    assert code == 2 and "is not a pctune run directory" in err and "not removing it" in err, err
     assert sorted(p.name for p in run.iterdir()) == ["job.json", "notes.md"]
+
+
+def test_check_sees_a_run_directory_another_command_holds(tmp_path):
+    from pctune.search.runlock import run_lock
+
+    with run_lock(tmp_path / "runs" / "demo", "pctune search demo", log=lambda _m: None):
+        code, _out, err = _run(["check", "demo", "--storage-path", str(tmp_path / "runs"), "--resume"])
+    assert code == 2 and err.count("\n") == 1 and "is in use by `pctune search demo` (pid" in err, err
 
 
 # -- the property: any job file, any override -> exit 0 or exactly one line -----------------------------

@@ -65,8 +65,8 @@ def test_overwrite_replaces_only_a_marked_run_and_says_what_it_removed(tmp_path)
     job = load_job("demo", {"run.storage_path": str(tmp_path)})
     run_dir = RunDir(job.run_dir)
     run_dir.mark()
-    (run_dir / "job.json").write_text("{}")
-    (run_dir / "joint").mkdir()
+    run_dir.write_json("job.json", {})  # registered in the manifest, as every writer of a run directory is
+    run_dir.register("joint").mkdir()
     lines = []
     _claim_run_dir(job, run_dir, lines.append)
     assert "removed: job.json, joint" in lines[-1]

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,12 +28,13 @@ from pctune.errors import Interrupted, PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, StateSnapshots
 from pctune.search.cam import cam_objective
+from pctune.search.claim import claim_plan, claim_run_dir, search_lock
 from pctune.search.extend import restore_tuner
 from pctune.search.grid import GRID_STRATEGY, make_grid_searcher
 from pctune.search.identity import check_resume, evaluation_arrays, fingerprint, job_record
 from pctune.search.job import Job
 from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_paths, prepare
-from pctune.search.rundir import COMBINATION, JOB, MARKER, REFERENCES, RunDir, Trial, load_trials
+from pctune.search.rundir import COMBINATION, JOB, REFERENCES, RunDir, Trial, load_trials
 from pctune.search.samplers import make_sampler
 from pctune.search.schedulers import FidelityOptunaSearch, make_scheduler, report_points
 from pctune.search.space import SearchSpace, SpaceSampler, hparams_to_config
@@ -42,6 +42,9 @@ from pctune.search.trainable import TrialPayload, digest_arrays, run_trial, stat
 from pctune.search.tune_state import check_ray_version, repair
 
 __all__ = ["MAX_FAILURES", "SearchInterrupted", "check_resources", "connect", "evaluate_points", "run_search"]
+
+
+_claim_run_dir = claim_run_dir  # its name before pctune.search.claim
 
 
 class SearchInterrupted(Interrupted):
@@ -130,22 +133,25 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
     """Run (or resume) the job's search; returns the summary written by :mod:`pctune.search.results`.
 
     ``callbacks``: extra Ray Tune callbacks (e.g. experiment tracking) added to every stage."""
+    with search_lock(job, log):  # one owner, from the first check to the end (pctune.search.runlock)
+        return _run_search(job, log, callbacks)
+
+
+def _run_search(job: Job, log: Log, callbacks: list | None) -> dict[str, Any]:
     from pctune.search.results import write_results
 
     run_dir = RunDir(job.run_dir)
     check_paths(job)
-    resuming = job.resume and run_dir.has_search()
-    if not resuming:
-        _claim_run_dir(job, run_dir, log)
+    claim_plan(job, run_dir)  # refused before the (slow) preparation; nothing is removed yet
     prep = prepare(job, log)
     data_key = digest_arrays(evaluation_arrays(prep))
     identity = fingerprint(prep, data_key)
-    if resuming:  # the same job, or nothing in the run directory changes
+    if job.resume and run_dir.has_search():  # the same job, or nothing in the run directory changes
         check_resume(run_dir, prep, identity)
-        _claim_run_dir(job, run_dir, log)
     connect(job.run.address, log)
     check_resources(job, log)
     check_ray_version(log)
+    claim_run_dir(job, run_dir, log)  # only after the checks: a refused search leaves no folder
     setup = trial_setup(prep, data_key)
     run_dir.write_json(JOB, job_record(prep, identity))
     expected = _expected_trials(prep)
@@ -187,47 +193,6 @@ def _plan(prep: Prepared) -> str:
         return f"{search.strategy}, {sizes} trials: a grid per pcoder, the others feedforward{goal}"
     per = " per pcoder" if search.strategy == "per-pcoder" else ""
     return f"{search.strategy}, sampler {search.sampler}, {search.num_samples} trials{per}{goal}"
-
-
-def plan_run_dir(job: Job, run_dir: RunDir) -> str:
-    """What a search of ``job`` does with ``run_dir``: "new", "resume" or "overwrite" (an earlier pctune
-    run of the job, replaced); the refusals are errors. Changes nothing (``pctune check`` asks this too)."""
-    path = run_dir.path
-    storage = Path(job.run.storage_path).expanduser().resolve()
-    if storage.exists() and not storage.is_dir():
-        raise PctuneError(f"run.storage_path: {storage} is a file, not a folder")
-    if path.parent != storage:
-        raise PctuneError(f"{job.source}: name: {job.name!r} would put the run directory at {path}, outside the "
-                          f"storage path {storage}")
-    if path.exists() and not path.is_dir():
-        raise PctuneError(f"{path} is a file, not a run directory: move it away or choose another --storage-path")
-    if not path.exists() or not any(path.iterdir()):
-        return "new"
-    if job.resume:
-        return "resume"
-    if job.run.if_exists != "overwrite":
-        raise PctuneError(f"{path} already holds a search of {job.name}: pass --resume to continue it or "
-                          "--overwrite to start over")
-    if not run_dir.is_pctune_run():
-        raise PctuneError(f"{path} is not a pctune run directory (no {MARKER}, and it holds other files): "
-                          "not removing it; move it away or choose another --storage-path")
-    return "overwrite"
-
-
-def _claim_run_dir(job: Job, run_dir: RunDir, log: Log) -> None:
-    """Make ``run_dir`` this search's: new, resumed, or (``--overwrite``) an earlier pctune run of the
-    job replaced (:func:`plan_run_dir`). Nothing that pctune did not create is ever removed."""
-    path = run_dir.path
-    action = plan_run_dir(job, run_dir)
-    if action == "new" and job.resume:
-        log(f"nothing to resume in {path}: starting a new search")
-    elif action == "resume":
-        log(f"resuming the search in {path}")
-    elif action == "overwrite":
-        removed = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
-        shutil.rmtree(path)
-        log(f"replaced the earlier search in {path} (removed: {', '.join(removed) or 'nothing'})")
-    run_dir.mark()
 
 
 def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log) -> dict:
@@ -306,7 +271,7 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
                log: Log, callbacks: list | None = None) -> None:
     """Run (or restore and finish) the Tune experiment ``stage``: ``num_samples`` trials from ``searcher()``."""
     job = prep.job
-    exp_dir = job.run_dir / stage
+    exp_dir = RunDir(job.run_dir).register(stage)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save state after every event: resume loses nothing
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # result.json only (no TensorBoard/CSV)
     before: list[Trial] = []

@@ -9,6 +9,8 @@ Layout of ``<storage_path>/<job name>`` (default ``./pctune_runs/<job>``):
     combination.json    per-pcoder: the combined winners and their score
     sweep.csv, sweep.png      single-pcoder-grid: every grid point's score, and the heatmaps per pcoder
     .STAGE.early-stops.json   trials a scheduler (asha, hyperband) stopped before their last image
+    .pctune-run         the manifest: what pctune wrote here (:mod:`pctune.search.manifest`)
+    .pctune-lock        while a search, promotion or sync writes here (:mod:`pctune.search.runlock`)
     tracking.json       the search's MLflow identity (search id, tracking URI, experiment)
     search-state.json   whether the search is running, stopped or finished, and the trials it asks for
     leaderboard.csv, best.toml   written by ``pctune results`` (and at the end of a search)
@@ -33,7 +35,9 @@ from typing import Any
 
 from pctune.errors import PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
+from pctune.search import manifest
 from pctune.search.conditions import pareto_front
+from pctune.search.manifest import MARKER  # noqa: F401 (re-exported: where it was defined before)
 from pctune.search.objective import METRIC, MODE
 from pctune.utils import atomic_write_json, atomic_write_text
 
@@ -48,11 +52,8 @@ SWEEP_PNG = "sweep.png"
 PROMOTION = "promotion"
 SEARCH_STATE = "search-state.json"
 SEARCH_STATES = ("running", "stopped", "finished")
-MARKER = ".pctune-run"  # written when pctune creates a run directory: only such a folder is ever removed
 
 _STAGE_DIR = re.compile(r"^(joint|pcoder(\d+))$")
-_OWN_HIDDEN = re.compile(r"^\.(joint|pcoder\d+)\.(tune-state\.(pkl|json)|early-stops\.json)$"
-                         r"|^(joint|pcoder\d+)\.damaged-[\d-]+$")
 _TRIAL_DIR = re.compile(r"^[A-Za-z0-9_]*?_[0-9a-f]{8}_(\d+)_")
 
 
@@ -197,7 +198,9 @@ def record_early_stop(exp_dir: Path, trial_id: str, images: int) -> None:
     it, so a resumed search knows the trial is done)."""
     stops = read_early_stops(exp_dir)
     stops[trial_id] = images
-    atomic_write_json(early_stops_path(Path(exp_dir)), stops)
+    path = early_stops_path(Path(exp_dir))
+    manifest.register(path.parent, path.name)
+    atomic_write_json(path, stops)
 
 
 class RunDir:
@@ -211,20 +214,20 @@ class RunDir:
 
     # -- ownership ----------------------------------------------------------------------------------
     def mark(self) -> None:
-        """Claim the folder as a pctune run directory (creating it)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path / MARKER).is_file():
-            atomic_write_text(self.path / MARKER, "created by pctune: `--overwrite` may replace this folder\n")
+        """Claim the folder as a pctune run directory (creating it), its manifest started
+        (:mod:`pctune.search.manifest`)."""
+        manifest.mark(self.path)
 
     def is_pctune_run(self) -> bool:
         """Marked by pctune, or (a run of an older pctune, before the marker) holding nothing but the
         files and folders a search writes."""
-        if (self.path / MARKER).is_file():
-            return True
-        names = {p.name for p in self.path.iterdir()}
-        own = {JOB, REFERENCES, COMBINATION, TRACKING, SEARCH_STATE, LEADERBOARD, BEST, PROMOTION, SWEEP_CSV,
-               SWEEP_PNG, "summary"}
-        return JOB in names and all(n in own or _STAGE_DIR.match(n) or _OWN_HIDDEN.match(n) for n in names)
+        return manifest.is_pctune_run(self.path)
+
+    def register(self, name: str) -> Path:
+        """Record in the manifest that pctune creates ``name`` (a top-level file or folder, or a path
+        under one); every writer of the run directory goes through this. Returns its path."""
+        manifest.register(self.path, name)
+        return self.path / name
 
     # -- the job record -----------------------------------------------------------------------------
     def has_search(self) -> bool:
@@ -283,10 +286,10 @@ class RunDir:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return atomic_write_json(self.path / name, obj)
+        return atomic_write_json(self.register(name), obj)
 
     def write_text(self, name: str, text: str) -> Path:
-        return atomic_write_text(self.path / name, text)
+        return atomic_write_text(self.register(name), text)
 
     # -- the MLflow identity ---------------------------------------------------------------------------
     def tracking_identity(self, uri: str, experiment: str) -> dict[str, str]:

@@ -94,13 +94,13 @@ def write_sweep(run_dir: RunDir, log: Callable[[str], None] = print) -> list[Pat
     table = sweep_table(run_dir)
     if table.empty:
         return []
-    table.to_csv(run_dir / SWEEP_CSV, index=False)
+    table.to_csv(run_dir.register(SWEEP_CSV), index=False)
     label = value_label(run_dir)
     sigma = run_dir.job_record()["job"]["objective"]["sigma"]
     title = f"{label}, one pcoder at a time (the others feedforward); sigma = {sigma:g}, T = {run_dir.timesteps}"
     log(f"\n{label} per grid point (rows beta, columns lambda; the other pcoders feedforward):")
     for n, grid in relative_grids(table).items():
         log(f"pcoder{n}\n{grid.to_string(float_format='{:.3f}'.format, na_rep='-')}")
-    paths = [run_dir / SWEEP_CSV, plot_sweep(table, label, title, run_dir / SWEEP_PNG)]
+    paths = [run_dir / SWEEP_CSV, plot_sweep(table, label, title, run_dir.register(SWEEP_PNG))]
     log(f"written: {paths[0]}, {paths[1]}")
     return paths

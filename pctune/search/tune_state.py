@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pctune.search.manifest import register
 from pctune.utils import atomic_write_json
 
 Log = Callable[[str], None]
@@ -76,6 +77,7 @@ def snapshot(staging: Path, exp_dir: Path) -> bool:
     files = {f.name: f.read_bytes() for f in _state_files(staging) if _session(f.name) == session}
     if not _parses(files[states[-1].name]):
         return False
+    register(exp_dir.parent, snapshot_path(exp_dir).name)
     atomic_write_json(snapshot_path(exp_dir), {
         "format": SNAPSHOT_FORMAT, "session": session,
         "files": {name: base64.b64encode(data).decode("ascii") for name, data in files.items()}}, indent=None)
@@ -103,6 +105,7 @@ def repair(exp_dir: Path, log: Log) -> None:
     if saved is None:
         if damaged:
             aside = exp_dir.with_name(f"{exp_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            register(exp_dir.parent, aside.name)
             exp_dir.rename(aside)
             log(f"[{exp_dir.name}] Tune's state is unreadable and has no snapshot; moved to {aside.name}, "
                 "starting this stage over")
