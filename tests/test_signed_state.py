@@ -36,7 +36,7 @@ def _search(storage: Path, *extra: str, timeout: float = 240) -> subprocess.Comp
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{storage.parent}/mlflow.db"}
     proc = subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", "demo", "--storage-path", str(storage),
                              *ARGS, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, cwd=storage.parent)  # (`-m` puts the cwd first on the path)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -54,7 +54,7 @@ def interrupted(tmp_path_factory):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{storage.parent}/mlflow.db"}
     proc = subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", "demo", "--storage-path", str(storage),
                              *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, cwd=storage.parent)
     deadline = time.time() + 240
     for line in proc.stdout:
         if "[joint] trial 2/" in line or time.time() > deadline:

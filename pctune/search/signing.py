@@ -16,6 +16,7 @@ import hmac
 import os
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from pctune.errors import PctuneError
@@ -90,15 +91,19 @@ def _read_key_file(path: Path) -> bytes:
     return key.encode()
 
 
-def sign(message: bytes, key: bytes) -> str:
-    """HMAC-SHA256 of ``message``, hex."""
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
+def sign(parts: Iterable[bytes], key: bytes) -> str:
+    """HMAC-SHA256 (hex) of ``parts``, each length-prefixed (no two sequences of parts sign alike)."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(b"%d:" % len(part))
+        mac.update(part)
+    return mac.hexdigest()
 
 
-def verify(message: bytes, signature: str, key: bytes) -> bool:
-    return isinstance(signature, str) and hmac.compare_digest(sign(message, key), signature)
+def verify(parts: Iterable[bytes], signature: object, key: bytes) -> bool:
+    return isinstance(signature, str) and hmac.compare_digest(sign(parts, key), signature)
 
 
 def key_id(key: bytes) -> str:
     """A short public name of ``key`` (tells "signed with another key" from "changed after signing")."""
-    return sign(b"pctune state key id", key)[:16]
+    return sign([b"pctune state key id"], key)[:16]

@@ -32,7 +32,7 @@ import binascii
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pctune.errors import PctuneError
@@ -113,16 +113,18 @@ def snapshot(staging: Path, exp_dir: Path) -> bool:
 
 def _write_snapshot(exp_dir: Path, session: str, files: dict[str, bytes]) -> None:
     key = state_key()
-    body = {"stage": exp_dir.name, "session": session,
-            "files": {name: base64.b64encode(data).decode("ascii") for name, data in files.items()}}
-    atomic_write_json(snapshot_path(exp_dir), {"format": SNAPSHOT_FORMAT, "key_id": key_id(key),
-                                               "hmac": sign(_message(body), key), **body}, indent=None)
+    atomic_write_json(snapshot_path(exp_dir), {
+        "format": SNAPSHOT_FORMAT, "key_id": key_id(key), "hmac": sign(_signed(exp_dir.name, session, files), key),
+        "stage": exp_dir.name, "session": session,
+        "files": {name: base64.b64encode(data).decode("ascii") for name, data in files.items()}}, indent=None)
 
 
-def _message(body: dict) -> bytes:
-    """What the HMAC covers: the format, the stage's name, the session and every file."""
-    content = {"stage": body["stage"], "session": body["session"], "files": body["files"]}
-    return (SNAPSHOT_FORMAT + "\n" + json.dumps(content, sort_keys=True, separators=(",", ":"))).encode()
+def _signed(stage: str, session: str, files: dict[str, bytes]) -> Iterator[bytes]:
+    """What the HMAC covers: the format, the stage's name, the session and every file (name and bytes)."""
+    yield from (SNAPSHOT_FORMAT.encode(), stage.encode(), session.encode())
+    for name in sorted(files):
+        yield name.encode()
+        yield files[name]
 
 
 def _well_formed(data: object, stage: str) -> bool:
@@ -163,8 +165,8 @@ def verified_state(exp_dir: Path) -> tuple[str, dict[str, bytes]] | None:
         files = {name: base64.b64decode(text, validate=True) for name, text in data["files"].items()}
     except (binascii.Error, ValueError):
         files = None
-    if files is None or not verify(_message(data), data.get("hmac"), key):
-        raise PctuneError(f"{path}: Tune state whose signature does not match its content (changed after pctune "
+    if files is None or not verify(_signed(data["stage"], data["session"], files), data.get("hmac"), key):
+        raise PctuneError(f"{path}: signature does not match its content (the Tune state was changed after pctune "
                           f"wrote it); not loading it; {_START_OVER}")
     return data["session"], files
 
