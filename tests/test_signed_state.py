@@ -31,12 +31,18 @@ class _Hostile:
         return (Path.write_text, (self.marker, "pwned"))
 
 
-def _search(storage: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``pctune search demo`` in its own process group, killed (group and all) after ``timeout``."""
+def _start(storage: Path, *extra: str) -> subprocess.Popen:
+    """``pctune search demo`` in its own process group (in a folder of its own: ``-m`` puts the current
+    folder first on the path, and the code under test is the one PYTHONPATH names)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{storage.parent}/mlflow.db"}
-    proc = subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", "demo", "--storage-path", str(storage),
+    return subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", "demo", "--storage-path", str(storage),
                              *ARGS, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, cwd=storage.parent)  # (`-m` puts the cwd first on the path)
+                            start_new_session=True, cwd=storage.parent)
+
+
+def _search(storage: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """:func:`_start`, waited for; the whole process group is killed after ``timeout`` (a hang)."""
+    proc = _start(storage, *extra)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -51,10 +57,7 @@ def interrupted(tmp_path_factory):
     """A demo search stopped by Ctrl-C after its second trial: its run directory holds Tune's state and
     pctune's signed snapshot of it."""
     storage = tmp_path_factory.mktemp("signed") / "runs"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{storage.parent}/mlflow.db"}
-    proc = subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", "demo", "--storage-path", str(storage),
-                             *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, cwd=storage.parent)
+    proc = _start(storage)
     deadline = time.time() + 240
     for line in proc.stdout:
         if "[joint] trial 2/" in line or time.time() > deadline:
@@ -230,10 +233,13 @@ def test_an_interrupted_search_resumes_with_its_signed_state(interrupted):
 
     exp_dir = interrupted / "demo" / "joint"
     done_before = sum(1 for p in exp_dir.glob("*/result.json") if p.read_text().strip())
+    session_before, _ = verified_state(exp_dir)
     result = _search(interrupted, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[joint] restoring" in result.stdout and "no signed snapshot" not in result.stdout
     trials = [p for p in exp_dir.glob("*/result.json") if p.read_text().strip()]
     assert len(trials) == 12 and done_before >= 2
-    _session, files = verified_state(exp_dir)
-    assert "tuner.pkl" in files and (exp_dir / "tuner.pkl").read_bytes() == files["tuner.pkl"]
+    session, files = verified_state(exp_dir)  # signed again by the resumed session, with every trial in it
+    assert session > session_before and (exp_dir / "tuner.pkl").read_bytes() == files["tuner.pkl"]
+    state = json.loads(next(data for name, data in files.items() if name.startswith("experiment_state-")))
+    assert len(state["trial_data"]) == 12

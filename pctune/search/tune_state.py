@@ -190,7 +190,8 @@ def repair(exp_dir: Path, log: Log) -> None:
     driver (or anyone else) left in ``exp_dir``. Trials that finished after it are rerun by Tune under
     their own ids and replayed from their results, so nothing is evaluated twice. With no snapshot
     (the driver died before its first step) the stage is moved aside and starts over: its unsigned
-    state is never restored, and no finished trial is lost (the first one would have been snapshotted)."""
+    state is never restored (a trial's end is snapshotted in the step it ends in, so at most the trials of
+    that one step run again)."""
     exp_dir = Path(exp_dir)
     saved = verified_state(exp_dir)
     if saved is None:
