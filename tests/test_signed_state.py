@@ -177,7 +177,7 @@ def test_a_stage_without_a_snapshot_is_never_restored_from_its_unsigned_files(in
     lines = []
     repair(exp_dir, lines.append)
     assert not exp_dir.exists() and not marker.exists()
-    assert "has no signed snapshot" in lines[-1] and len(list(exp_dir.parent.glob("joint.unsigned-*"))) == 1
+    assert "has no signed snapshot" in lines[-1] and len(list(exp_dir.parent.glob("joint.damaged-*"))) == 1
 
 
 @pytest.mark.slow
@@ -198,6 +198,23 @@ def test_repair_leaves_only_signed_pickles_for_ray(interrupted, tmp_path):
     assert not any(p.exists() for p in planted)
     assert {p.name: p.read_bytes() for p in exp_dir.iterdir() if p.is_file() and p.suffix in (".pkl", ".json")
             and not p.name.startswith(".")} == files
+
+
+@pytest.mark.slow
+def test_a_deliberate_change_of_the_state_is_signed_again(interrupted, tmp_path):
+    """Case 5: code that changes a stage's Tune state on purpose (e.g. a resume that extends the search
+    rewrites tuner.pkl) re-signs it with ``update_state``; the change then resumes, anything else not."""
+    from pctune.search.tune_state import repair, update_state, verified_state
+
+    exp_dir = _exp_dir(interrupted, tmp_path)
+    session, files = verified_state(exp_dir)
+    changed = files["tuner.pkl"] + b"  "  # (what a rewritten tuner.pkl would be; never unpickled here)
+    update_state(exp_dir, {"tuner.pkl": changed})
+    assert verified_state(exp_dir) == (session, {**files, "tuner.pkl": changed})
+    assert (exp_dir / "tuner.pkl").read_bytes() == changed
+    repair(exp_dir, print)  # accepted
+    with pytest.raises(ValueError, match="not Tune state files"):
+        update_state(exp_dir, {"../elsewhere.pkl": b"x"})
 
 
 def test_the_key_file_is_created_private_and_refused_when_others_can_read_it(tmp_path, monkeypatch):

@@ -196,7 +196,8 @@ def repair(exp_dir: Path, log: Log) -> None:
     saved = verified_state(exp_dir)
     if saved is None:
         if _pickled_files(exp_dir):
-            aside = exp_dir.with_name(f"{exp_dir.name}.unsigned-{time.strftime('%Y%m%d-%H%M%S')}")
+            # (named like a stage whose state was cut short: a folder the run directory knows as pctune's)
+            aside = exp_dir.with_name(f"{exp_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
             exp_dir.rename(aside)
             log(f"[{exp_dir.name}] Tune's state has no signed snapshot (the driver stopped before its first step); "
                 f"moved to {aside.name}, starting this stage over")
