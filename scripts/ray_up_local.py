@@ -394,11 +394,14 @@ class LocalCluster:
         return self.ray("exec", "--no-config-cache", str(self.config_path), command, timeout=timeout)
 
     def search_demo(self, num_samples: int = 4) -> subprocess.CompletedProcess:
-        """`pctune search demo` on the head: the driver joins the cluster, results go to the head's MLflow."""
+        """`pctune search demo` on the head: the driver joins the cluster, results go to the head's MLflow
+        (its resume-state signing key in the work folder, not the user's ~/.config)."""
         runs = self.workdir / "runs"
+        config = shlex.quote(str(self.workdir / "config"))
         return self.exec(
-            f"cd {shlex.quote(str(REPO))} && {BIN / 'pctune'} search demo --address {self.address} "
-            f"--num-samples {num_samples} --storage-path {shlex.quote(str(runs))} --tracking-uri {self.mlflow_uri}")
+            f"cd {shlex.quote(str(REPO))} && XDG_CONFIG_HOME={config} {BIN / 'pctune'} search demo "
+            f"--address {self.address} --num-samples {num_samples} --storage-path {shlex.quote(str(runs))} "
+            f"--tracking-uri {self.mlflow_uri}")
 
     def down(self) -> subprocess.CompletedProcess:
         result = self.ray("down", "-y", str(self.config_path))

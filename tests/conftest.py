@@ -23,6 +23,15 @@ def shared_demo_cache(tmp_path_factory):
         os.environ["PCTUNE_CACHE"] = str(tmp_path_factory.mktemp("pctune-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_config(tmp_path_factory):
+    """pctune's configuration directory (the resume state's signing key, created on first use) is a
+    temporary one for the whole session (subprocesses inherit it), never the user's ~/.config."""
+    import os
+
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+
+
 @pytest.fixture(autouse=True)
 def tracking_uri_kept():
     """MLflow's set_tracking_uri (champion registration calls it) leaves MLFLOW_TRACKING_URI in the

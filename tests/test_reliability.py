@@ -14,6 +14,7 @@ import pytest
 from helpers import demo_job, image_folder
 
 from pctune.cli import main
+from pctune.errors import PctuneError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,8 @@ def test_resume_never_unpickles_a_file_from_the_run_directory(tmp_path):
     payload = pickle.dumps({"session": "2026-01-01_00-00-00", "files": _Hostile(marker)})
     (tmp_path / ".joint.tune-state.pkl").write_bytes(payload)  # the file an older pctune unpickled
     (tmp_path / ".joint.tune-state.json").write_bytes(payload)  # and garbage where the snapshot now lives
-    repair(exp_dir, lambda _m: None)
+    with pytest.raises(PctuneError, match="not a Tune state snapshot pctune wrote"):  # unverifiable: refused
+        repair(exp_dir, lambda _m: None)
     assert not marker.exists()
 
 

@@ -18,7 +18,8 @@ MAX_FAILURES = 3
 
 
 class StateSnapshots(tune.Callback):
-    """Snapshots Tune's state after every step in which a trial changed status or reported."""
+    """Snapshots (signed) Tune's state after every step in which a trial changed status or reported
+    (:mod:`pctune.search.tune_state`)."""
 
     def __init__(self, exp_dir: Path) -> None:
         self.exp_dir, self.seen = Path(exp_dir), None
@@ -31,7 +32,9 @@ class StateSnapshots(tune.Callback):
             return
         storage = getattr(trials[0], "storage", None)  # Tune's StorageContext (Ray >= 2.7)
         staging = Path(getattr(storage, "experiment_driver_staging_path", self.exp_dir))
-        if snapshot(staging, self.exp_dir):
+        # where the experiment is now: a restored callback was pickled (in tuner.pkl) with the run's old place
+        exp_dir = Path(getattr(storage, "experiment_fs_path", self.exp_dir))
+        if snapshot(staging, exp_dir):
             self.seen = seen
 
 

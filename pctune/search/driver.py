@@ -37,9 +37,10 @@ from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_pa
 from pctune.search.rundir import COMBINATION, JOB, REFERENCES, RunDir, Trial, load_trials
 from pctune.search.samplers import make_sampler
 from pctune.search.schedulers import FidelityOptunaSearch, make_scheduler, report_points
+from pctune.search.signing import state_key
 from pctune.search.space import SearchSpace, SpaceSampler, hparams_to_config
 from pctune.search.trainable import TrialPayload, digest_arrays, run_trial, state_arrays
-from pctune.search.tune_state import check_ray_version, repair
+from pctune.search.tune_state import check_ray_version, remember_tuner_state, repair
 
 __all__ = ["MAX_FAILURES", "SearchInterrupted", "check_resources", "connect", "evaluate_points", "run_search"]
 
@@ -274,11 +275,12 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
     exp_dir = RunDir(job.run_dir).register(stage)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save state after every event: resume loses nothing
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # result.json only (no TensorBoard/CSV)
+    state_key()  # the key that signs the stage's state: an unusable one is an error before any trial
     before: list[Trial] = []
     if exp_dir.exists():
         before = load_trials(exp_dir)
         setup = dataclasses.replace(setup, replay=_reported_results(before))
-        repair(exp_dir, log)
+        repair(exp_dir, log)  # verifies the signed state and leaves nothing else for Tune to unpickle
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
         if _stage_finished(before, num_samples):
             log(f"[{stage}] already finished")
@@ -287,6 +289,7 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
         tuner = restore_tuner(exp_dir, _trainable(job, setup), num_samples)  # a larger num_samples extends it
     else:
         tuner = _tuner(prep, setup, stage, searcher(), num_samples, callbacks)
+        remember_tuner_state(exp_dir)  # the tuner.pkl Ray just wrote: its snapshots carry and sign it
     start = time.perf_counter()
     grid = tuner.fit()
     after = load_trials(exp_dir)

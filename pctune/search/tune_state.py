@@ -1,4 +1,4 @@
-"""Tune's experiment state, kept safe from a killed driver.
+"""Tune's experiment state, kept safe from a killed driver and signed against planted pickles.
 
 Tune saves its experiment-level state (``experiment_state-<session>.json``, the searcher's state) into
 a staging folder after every step, rewriting the JSON in place, and copies it to the experiment folder
@@ -8,31 +8,51 @@ state does not know. So after every step that changed a trial, pctune snapshots 
 state files (complete and consistent at that moment) into one JSON file, replaced atomically, and
 ``--resume`` puts that snapshot back before Tune restores.
 
+Ray unpickles (or cloudpickle-decodes) these files of an experiment folder when it restores one:
+``tuner.pkl`` (Tuner.restore), ``experiment_state-*.json`` (trials' non-JSON fields and the JSON
+encoder's cloudpickle fallbacks; also read by ExperimentAnalysis), ``searcher-state-*.pkl`` (OptunaSearch),
+``search_gen_state-*.json`` (a cloudpickle despite its name: SearchGenerator and ConcurrencyLimiter
+state), ``callback-states-*.pkl`` (stateful callbacks) and, for a trial restored as ERROR, its
+``error.pkl``; it copies every top-level ``*.json`` and ``*.pkl`` to where it loads them from. Trial
+checkpoints are pctune's JSON (``running_sums.json``), never unpickled. So the snapshot carries all of
+the top-level ones and an HMAC (:mod:`pctune.search.signing`, key outside the run directory); ``repair``
+verifies it before it writes anything, removes every pickled file of the folder (and trials'
+``error.pkl``: ``error.txt`` keeps the traceback), and writes the signed copies back: nothing unsigned
+is left for Ray to load. A snapshot that fails the check is a one-line error and is never loaded.
+
 This relies on Tune's file names, which are not a public interface: they are checked against the Ray
 versions this was written and tested for (:data:`TESTED_RAY`), and on any other version a warning says
-so once. The snapshot is data (file contents, base64), never unpickled by pctune; the searcher's own
-state file inside it is Ray's pickle, which Ray loads on restore (see the README's trust boundary).
+so once. pctune itself never unpickles anything here.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pctune.errors import PctuneError
 from pctune.search.manifest import register
+from pctune.search.signing import key_id, key_source, sign, state_key, verify
 from pctune.utils import atomic_write_json
 
 Log = Callable[[str], None]
 
 #: Ray versions whose Tune state files (names and staging folder) this module was checked against.
 TESTED_RAY = ("2.60",)
-STATE_FILES = ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_state-*.json")
-SNAPSHOT_FORMAT = "pctune-tune-state-v2"
+STATE_FILES = ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_state-*.json", "callback-states-*.pkl")
+TUNER_FILE = "tuner.pkl"  # written once, when the Tuner is made
+#: top-level files of an experiment folder that Ray may unpickle on restore (it copies every *.pkl along)
+PICKLED = (TUNER_FILE, *STATE_FILES, "basic-variant-state-*.json", "*.pkl")
+SNAPSHOT_FORMAT = "pctune-tune-state-v3"
+UNSIGNED_FORMATS = ("pctune-tune-state-v2",)
+_START_OVER = "start the search over with --overwrite"
 _warned: set[str] = set()
+_tuner_state: dict[str, bytes] = {}  # exp_dir -> its tuner.pkl, as this process wrote or verified it
 
 
 def check_ray_version(log: Log) -> None:
@@ -68,54 +88,150 @@ def _parses(data: bytes | str) -> bool:
         return False
 
 
+def remember_tuner_state(exp_dir: Path, data: bytes | None = None) -> None:
+    """What the snapshots of ``exp_dir`` carry as its ``tuner.pkl``: ``data`` (the verified copy a resume
+    wrote back), else the file as Ray just wrote it (call this right after making a new Tuner). The
+    callbacks are pickled into tuner.pkl, so this is kept here, in the driver process, not on them."""
+    exp_dir = Path(exp_dir)
+    _tuner_state[str(exp_dir)] = data if data is not None else (exp_dir / TUNER_FILE).read_bytes()
+
+
 def snapshot(staging: Path, exp_dir: Path) -> bool:
-    """Snapshot the newest session's state files of ``staging`` (Tune's driver staging folder)."""
+    """Snapshot (signed) the newest session's state files of ``staging`` (Tune's driver staging folder)
+    and the stage's ``tuner.pkl``."""
+    exp_dir = Path(exp_dir)
+    tuner = _tuner_state.get(str(exp_dir))
     states = sorted(staging.glob(STATE_FILES[0]))
-    if not states:
+    if tuner is None or not states:
         return False
     session = _session(states[-1].name)
     files = {f.name: f.read_bytes() for f in _state_files(staging) if _session(f.name) == session}
     if not _parses(files[states[-1].name]):
         return False
-    register(exp_dir.parent, snapshot_path(exp_dir).name)
-    atomic_write_json(snapshot_path(exp_dir), {
-        "format": SNAPSHOT_FORMAT, "session": session,
-        "files": {name: base64.b64encode(data).decode("ascii") for name, data in files.items()}}, indent=None)
+    _write_snapshot(exp_dir, session, {**files, TUNER_FILE: tuner})
     return True
 
 
-def _read_snapshot(exp_dir: Path) -> dict | None:
+def _write_snapshot(exp_dir: Path, session: str, files: dict[str, bytes]) -> None:
+    key = state_key()
+    register(exp_dir.parent, snapshot_path(exp_dir).name)
+    atomic_write_json(snapshot_path(exp_dir), {
+        "format": SNAPSHOT_FORMAT, "key_id": key_id(key), "hmac": sign(_signed(exp_dir.name, session, files), key),
+        "stage": exp_dir.name, "session": session,
+        "files": {name: base64.b64encode(data).decode("ascii") for name, data in files.items()}}, indent=None)
+
+
+def _signed(stage: str, session: str, files: dict[str, bytes]) -> Iterator[bytes]:
+    """What the HMAC covers: the format, the stage's name, the session and every file (name and bytes)."""
+    yield from (SNAPSHOT_FORMAT.encode(), stage.encode(), session.encode())
+    for name in sorted(files):
+        yield name.encode()
+        yield files[name]
+
+
+def _well_formed(data: object, stage: str) -> bool:
+    return (isinstance(data, dict) and isinstance(data.get("session"), str) and isinstance(data.get("files"), dict)
+            and data.get("stage") == stage and TUNER_FILE in data["files"]
+            and all(isinstance(v, str) and _state_name(k) for k, v in data["files"].items()))
+
+
+def _state_name(name: object) -> bool:
+    return isinstance(name, str) and Path(name).name == name and (
+        name == TUNER_FILE or any(Path(name).match(pattern) for pattern in STATE_FILES))
+
+
+def verified_state(exp_dir: Path) -> tuple[str, dict[str, bytes]] | None:
+    """The session and files of ``exp_dir``'s snapshot after its signature checked out; None when there
+    is no snapshot. A snapshot that is unreadable, unsigned (an older pctune's) or fails the check is a
+    :class:`PctuneError` naming it."""
+    path = snapshot_path(Path(exp_dir))
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
-        data = json.loads(snapshot_path(exp_dir).read_text())
+        data = json.loads(path.read_bytes())
     except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
-        return None
-    return data
+        data = None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt in UNSIGNED_FORMATS:
+        raise PctuneError(f"{path}: Tune state saved by an older pctune, without a signature: resuming it could "
+                          f"run code planted in it, so it cannot be resumed safely; {_START_OVER}")
+    if fmt != SNAPSHOT_FORMAT or not _well_formed(data, Path(exp_dir).name):
+        raise PctuneError(f"{path}: not a Tune state snapshot pctune wrote for this stage (unreadable or "
+                          f"incomplete); not loading it; {_START_OVER}")
+    key = state_key()
+    if data.get("key_id") != key_id(key):
+        raise PctuneError(f"{path}: Tune state signed with another key than {key_source()}; not loading it: "
+                          f"resume with the key that started the search ($PCTUNE_STATE_KEY or its state.key), "
+                          f"or {_START_OVER}")
+    try:
+        files = {name: base64.b64decode(text, validate=True) for name, text in data["files"].items()}
+    except (binascii.Error, ValueError):
+        files = None
+    if files is None or not verify(_signed(data["stage"], data["session"], files), data.get("hmac"), key):
+        raise PctuneError(f"{path}: signature does not match its content (the Tune state was changed after pctune "
+                          f"wrote it); not loading it; {_START_OVER}")
+    return data["session"], files
+
+
+def _pickled_files(exp_dir: Path) -> list[Path]:
+    found = {f for pattern in PICKLED for f in exp_dir.glob(pattern) if f.is_file() or f.is_symlink()}
+    return sorted(found | {f for f in exp_dir.glob("*/error.pkl") if f.is_file() or f.is_symlink()})
+
+
+def _check_tuner_file(exp_dir: Path, signed: bytes) -> None:
+    """tuner.pkl never changes after Ray wrote it: one that differs from the signed copy was replaced."""
+    path = exp_dir / TUNER_FILE
+    if path.is_symlink() or (path.exists() and (path.stat().st_size != len(signed) or path.read_bytes() != signed)):
+        raise PctuneError(f"{path}: differs from the copy pctune signed in {snapshot_path(exp_dir).name} (changed "
+                          f"after pctune wrote it); not loading it: delete it to resume from the signed copy, "
+                          f"or {_START_OVER}")
 
 
 def repair(exp_dir: Path, log: Log) -> None:
-    """Before a resume: put back the last snapshot of Tune's state, replacing what a killed driver left
-    in ``exp_dir``. Trials that finished after it are rerun by Tune under their own ids and replayed
-    from their results, so nothing is evaluated twice. With no snapshot and an unreadable state (the
-    driver died before its first step), the stage is moved aside and starts over."""
-    states = sorted(exp_dir.glob(STATE_FILES[0]))
-    damaged = bool(states) and not _parses(states[-1].read_bytes())
-    saved = _read_snapshot(exp_dir)
+    """Before a resume: verify the last snapshot of Tune's state and put it back, replacing what a killed
+    driver (or anyone else) left in ``exp_dir``. Trials that finished after it are rerun by Tune under
+    their own ids and replayed from their results, so nothing is evaluated twice. With no snapshot
+    (the driver died before its first step) the stage is moved aside and starts over: its unsigned
+    state is never restored (a trial's end is snapshotted in the step it ends in, so at most the trials of
+    that one step run again)."""
+    exp_dir = Path(exp_dir)
+    saved = verified_state(exp_dir)
     if saved is None:
-        if damaged:
+        if _pickled_files(exp_dir):
+            # (named like a stage whose state was cut short: a folder the run directory knows as pctune's)
             aside = exp_dir.with_name(f"{exp_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
             register(exp_dir.parent, aside.name)
             exp_dir.rename(aside)
-            log(f"[{exp_dir.name}] Tune's state is unreadable and has no snapshot; moved to {aside.name}, "
-                "starting this stage over")
+            log(f"[{exp_dir.name}] Tune's state has no signed snapshot (the driver stopped before its first step); "
+                f"moved to {aside.name}, starting this stage over")
         return
-    for f in _state_files(exp_dir):  # state of a later session that never got as far as a snapshot
-        if _session(f.name) > saved["session"]:
-            f.unlink()
-    for name, data in saved["files"].items():
-        if Path(name).name == name and name.startswith(("experiment_state-", "searcher-state-", "search_gen_state-")):
-            (exp_dir / name).write_bytes(base64.b64decode(data))
+    _session_name, files = saved
+    _check_tuner_file(exp_dir, files[TUNER_FILE])
+    states = sorted(exp_dir.glob(STATE_FILES[0]))
+    damaged = bool(states) and not _parses(states[-1].read_bytes())
+    for f in _pickled_files(exp_dir):
+        f.unlink()
+    for name, data in files.items():
+        (exp_dir / name).write_bytes(data)
+    remember_tuner_state(exp_dir, files[TUNER_FILE])
     if damaged:
         log(f"[{exp_dir.name}] {states[-1].name} was cut short by the killed driver; "
             "restored its last complete copy")
+
+
+def update_state(exp_dir: Path, changed: dict[str, bytes]) -> None:
+    """After changing a stage's Tune state files on purpose (e.g. a rewritten ``tuner.pkl`` or searcher
+    state): put ``changed`` into the verified snapshot, sign it again and write those files into
+    ``exp_dir``. Read what to change from :func:`verified_state`, never from the folder."""
+    exp_dir = Path(exp_dir)
+    saved = verified_state(exp_dir)
+    if saved is None:
+        raise PctuneError(f"{snapshot_path(exp_dir)}: no signed Tune state to update")
+    if not all(_state_name(name) for name in changed):
+        raise ValueError(f"not Tune state files: {sorted(changed)}")
+    session, files = saved
+    _write_snapshot(exp_dir, session, {**files, **changed})
+    for name, data in changed.items():
+        (exp_dir / name).write_bytes(data)
+    if TUNER_FILE in changed:
+        remember_tuner_state(exp_dir, changed[TUNER_FILE])
