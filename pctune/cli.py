@@ -115,18 +115,21 @@ def _train_feedback(args: argparse.Namespace) -> int:
 
     from pctune.data.folders import image_folder
     from pctune.models import create_model, save_feedback_weights
+    from pctune.models.registry import model_classes
     from pctune.training import train_feedback
 
+    _check_training_arguments(args)
     if not Path(args.data).is_dir():
         raise PctuneError(f"{args.data}: no such directory")
     torch.manual_seed(args.seed)
     net = create_model(args.model, pretrained=args.pretrained, backbone_weights=args.backbone_weights,
                        feedback_weights=args.feedback_weights)
     size = args.image_size or net.input_size[-1]
-    dataset = image_folder(args.data, split="train", image_size=size)
+    out = Path(args.out or Path("runs") / "feedback" / net.name)
+    _check_training_output(out)
+    dataset = image_folder(args.data, split="train", image_size=size, classes=model_classes(net, count=False))
     if len(dataset) == 0:
         raise PctuneError(f"{args.data}: no images")
-    out = Path(args.out or Path("runs") / "feedback" / net.name)
     loader_args = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
     print(f"training {net.num_pcoders} decoders of {net.name} on {len(dataset)} images from {args.data}; "
@@ -138,9 +141,44 @@ def _train_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_training_arguments(args: argparse.Namespace) -> None:
+    """train-feedback's numbers, before anything is built: positive (workers: >= 0) and finite."""
+    import math
+
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--lr": args.lr,
+                "--image-size": args.image_size}
+    for flag, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            hint = " (0 epochs would write untrained weights)" if flag == "--epochs" else ""
+            raise PctuneError(f"{flag} must be a positive number, got {value}{hint}")
+    if args.workers < 0:
+        raise PctuneError(f"--workers must be >= 0, got {args.workers}")
+    if not 0 <= args.seed < 2**32:
+        raise PctuneError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+
+
+def _check_training_output(out) -> None:
+    """The files train-feedback writes (OUT/last.pt after every epoch, OUT/feedback.pt at the end) can be
+    written: checked before training, not after it."""
+    if out.exists() and not out.is_dir():
+        raise PctuneError(f"--out: {out} is not a directory")
+    for name in ("last.pt", "feedback.pt"):
+        if (out / name).exists() and not (out / name).is_file():
+            raise PctuneError(f"--out: {out / name} is not a file (train-feedback writes its checkpoint there): "
+                              "remove it or pass another --out")
+
+
 def _promote(args: argparse.Namespace) -> int:
+    from pctune.evaluate.settings import STAGE_SETTINGS
     from pctune.pipeline import promote
     from pctune.search.job import load_job
+
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    unknown = [s for s in stages or [] if s not in STAGE_SETTINGS]
+    if unknown:
+        raise PctuneError(f"--stages: unknown stage {unknown[0]!r} (known: {', '.join(STAGE_SETTINGS)})")
+    if args.top_k is not None and args.top_k < 1:
+        raise PctuneError(f"--top-k must be >= 1, got {args.top_k}")
 
     overrides = {}
     if args.storage_path:
@@ -148,7 +186,6 @@ def _promote(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         overrides["tracking.tracking_uri"] = args.tracking_uri
     job = load_job(args.job, overrides)
-    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     promote(job, args.top_k, stages)
     return 0
 

@@ -11,7 +11,8 @@ naming the file, the table and the key::
     jobs/demo.toml: objective.sigma: expected a number, got 'high'
     jobs/demo.toml: model.name: missing
 
-Range checks (``must be >= 1``) stay with the code that owns the table; :func:`error` and
+Every float must be finite and every ``seed``/``*_seed`` field in numpy's and torch's range (0..2**32-1);
+other range checks (``must be >= 1``) stay with the code that owns the table; :func:`error` and
 :func:`at_least` format them the same way.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -62,6 +64,8 @@ def read_table(cls: type[T], table: Any, source: str, where: str, *, given: Mapp
             values[name] = readers[name](table[name], path)
         else:
             values[name] = convert(hints[name], table[name], source, path)
+        if name == "seed" or name.endswith("_seed"):
+            seed_in_range(values[name], source, path)
     try:
         return cls(**values)
     except PctuneError as exc:
@@ -87,6 +91,8 @@ def convert(hint: Any, value: Any, source: str, where: str) -> Any:
     origin = typing.get_origin(hint) or hint
     args = typing.get_args(hint)
     if hint is float:
+        if not math.isfinite(value):
+            raise PctuneError(f"{source}: {where}: expected a finite number, got {value!r}")
         return float(value)
     if origin is list:
         if not args:
@@ -115,9 +121,21 @@ def error(source: str, where: str, message: str) -> PctuneError:
 
 
 def at_least(value: float | None, low: float, source: str, where: str, note: str = "") -> None:
-    """``must be >= low`` unless ``value`` is None or at least ``low``; ``note`` follows ``low``."""
+    """``must be >= low`` unless ``value`` is None or at least ``low`` (and finite); ``note`` follows ``low``."""
+    if value is not None and not math.isfinite(value):
+        raise error(source, where, f"must be a finite number, got {value}")
     if value is not None and value < low:
         raise error(source, where, f"must be >= {low}{note}, got {value}")
+
+
+#: the seeds numpy and torch accept (numpy's RandomState: 0 .. 2**32 - 1)
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def seed_in_range(value: int | None, source: str, where: str) -> None:
+    """A seed numpy and torch both accept, checked when the file is read (not when it is first used)."""
+    if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise error(source, where, f"must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {value}")
 
 
 @functools.cache

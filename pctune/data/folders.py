@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import Tensor
 from torchvision import datasets, transforms
 
+from pctune.data.classes import ModelClasses, map_classes
 from pctune.errors import PctuneError
 from pctune.utils import first_line
 
@@ -32,23 +33,39 @@ def standard_transform(split: str, image_size: int = 224, mean=IMAGENET_MEAN, st
 
 
 def image_folder(root: str | Path, split: str = "val", image_size: int = 224, grayscale: bool = False,
-                 normalize: bool = True):
-    """An ``ImageFolder`` over ``root`` with the standard transform; a clear error when the folder is
-    missing or holds no images."""
+                 normalize: bool = True, classes: ModelClasses | None = None):
+    """An ``ImageFolder`` over ``root`` with the standard transform, its class folders labelled by
+    :func:`class_indices` for the model's ``classes``; a clear error when the folder is missing or holds
+    no images."""
     root = Path(root)
-    if not root.is_dir():
-        raise PctuneError(f"{root}: no such directory")
     transform = standard_transform(split, image_size, normalize=normalize)
     if grayscale:
         transform = transforms.Compose([transforms.Grayscale(3), transform])
+    index = class_indices(root, classes or ModelClasses())
     try:
-        return datasets.ImageFolder(str(root), transform=transform)
+        return _LabelledFolder(str(root), index, transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise PctuneError(f"{root}: not an image folder ({first_line(exc)})") from exc
 
 
+class _LabelledFolder(datasets.ImageFolder):
+    """An ImageFolder whose class folders are labelled by a given mapping (the model's indices)."""
+
+    def __init__(self, root: str, index: dict[str, int], **kwargs) -> None:
+        self._index = dict(index)
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return sorted(self._index), dict(self._index)
+
+
+def class_indices(root: str | Path, classes: ModelClasses) -> dict[str, int]:
+    """The model's output index of each class folder of ``root`` (:func:`pctune.data.classes.map_classes`)."""
+    return map_classes(folder_classes(root), classes, str(root))
+
+
 def folder_classes(root: str | Path) -> list[str]:
-    """The class folders of an ImageNet-style folder, sorted (the order ImageFolder maps to outputs)."""
+    """The class folders of an ImageNet-style folder, sorted."""
     root = Path(root)
     if not root.is_dir():
         raise PctuneError(f"{root}: no such directory")

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pctune.data.folders import image_folder, readable_batches
+from pctune.data.classes import ModelClasses
+from pctune.data.folders import image_folder
 from pctune.errors import PctuneError
 from pctune.utils import first_line
 
@@ -30,37 +31,41 @@ def seeded_subset(total: int, num_images: int | None, seed: int) -> list[int]:
 
 
 def load_val_subset(root: str | Path, num_images: int | None, seed: int, image_size: int = 224,
-                    workers: int = 0, normalize: bool = True,
-                    unreadable: list[str] | None = None) -> tuple[Tensor, Tensor]:
+                    workers: int = 0, normalize: bool = True, unreadable: list[str] | None = None,
+                    classes: ModelClasses | None = None) -> tuple[Tensor, Tensor]:
     """(images [N, C, H, W] with the standard val transform, labels [N]) of a fixed subset of the
-    ImageFolder at ``root`` (all of it for ``num_images=None``); ``normalize=False``: pixels in [0, 1].
+    ImageFolder at ``root`` (all of it for ``num_images=None``), labelled by the model's ``classes``
+    (:func:`pctune.data.classes.map_classes`); ``normalize=False``: pixels in [0, 1].
 
-    An image that cannot be decoded is an error naming the file, unless ``unreadable`` is a list: then
-    it is left out and its path appended there."""
-    dataset = image_folder(root, split="val", image_size=image_size, normalize=normalize)
+    An image that cannot be decoded is an error naming the file and the decoder's reason, unless
+    ``unreadable`` is a list: then it is left out and its path appended there."""
+    dataset = image_folder(root, split="val", image_size=image_size, normalize=normalize, classes=classes)
     subset = _Decoded(dataset, seeded_subset(len(dataset), num_images, seed), image_size)
     loader = torch.utils.data.DataLoader(subset, batch_size=64, shuffle=False, num_workers=workers)
     paths = [dataset.samples[i][0] for i in subset.indices]
-    images, labels = [], []
-    for x, y, bad in readable_batches(loader, paths):
+    images, labels, position = [], [], 0
+    for x, y, reasons in loader:
+        bad = [j for j, reason in enumerate(reasons) if reason]
         if bad and unreadable is None:
-            raise PctuneError(f"{bad[0]}: cannot be read as an image ({subset.errors.get(bad[0], 'unreadable')})")
+            raise PctuneError(f"{paths[position + bad[0]]}: cannot be read as an image ({reasons[bad[0]]})")
         if unreadable is not None:
-            unreadable.extend(bad)
-        images.append(x)
-        labels.append(y)
+            unreadable.extend(paths[position + j] for j in bad)
+        ok = torch.tensor([not reason for reason in reasons], dtype=torch.bool)
+        position += len(y)
+        images.append(x[ok])
+        labels.append(y[ok])
     if not any(len(y) for y in labels):
         raise PctuneError(f"{root}: none of the {len(paths)} images could be read")
     return torch.cat(images), torch.cat(labels)
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """The images at ``indices`` of an ImageFolder, each with a flag: False (and a blank image) where the
-    file could not be decoded, so that one bad file is reported instead of ending the whole load."""
+    """The images at ``indices`` of an ImageFolder, each with the reason it could not be decoded ("" when it
+    could; then a blank image), so that one bad file is reported instead of ending the whole load. The reason
+    travels with the item: a loader's worker processes share no state with the caller."""
 
     def __init__(self, dataset, indices: list[int], image_size: int) -> None:
         self.dataset, self.indices, self.size = dataset, indices, image_size
-        self.errors: dict[str, str] = {}  # path -> why; filled in this process only (workers=0)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -68,7 +73,7 @@ class _Decoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             x, y = self.dataset[self.indices[i]]
-            return x, y, True
+            return x, y, ""
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            self.errors[self.dataset.samples[self.indices[i]][0]] = first_line(exc)
-            return torch.zeros(3, self.size, self.size), self.dataset.targets[self.indices[i]], False
+            blank = torch.zeros(3, self.size, self.size)
+            return blank, self.dataset.targets[self.indices[i]], first_line(exc) or "unreadable"

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from pctune.data.classes import ModelClasses, map_classes
 from pctune.data.folders import readable_batches
 from pctune.data.subsets import seeded_subset
 from pctune.errors import PctuneError
@@ -68,13 +69,14 @@ class Plan:
     images: dict[str, list[tuple[str, int]]]  # shard name -> [(path, label)]
     shards: list[CShard]
     skipped: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)  # class folder -> the model's output (its label)
 
 
 # -- finding the images ---------------------------------------------------------------------------
-def _class_images(folder: Path, classes: list[str] | None) -> tuple[list[tuple[str, int]], list[str], list[str]]:
-    """(images with labels, class folders found, notes) of one ``<wnid>/*`` folder."""
+def _class_images(folder: Path, index: dict[str, int]) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+    """(images with labels, class folders found, notes) of one ``<wnid>/*`` folder whose class folders are
+    among ``index`` (class folder -> the model's output, :func:`pctune.data.classes.map_classes`)."""
     found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-    index = {c: i for i, c in enumerate(classes if classes is not None else found)}
     notes = []
     unknown = [c for c in found if c not in index]
     if unknown:
@@ -83,15 +85,24 @@ def _class_images(folder: Path, classes: list[str] | None) -> tuple[list[tuple[s
     for wnid in found:
         files = sorted(p for p in (folder / wnid).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         images.extend((str(p), index[wnid]) for p in files)
-    if classes is not None and len(found) < len(classes):
-        missing = [c for c in classes if c not in set(found)]
-        notes.append(f"{folder}: {len(missing)} of {len(classes)} classes missing (e.g. {missing[0]})")
+    if len(found) < len(index):
+        missing = [c for c in index if c not in set(found)]
+        notes.append(f"{folder}: {len(missing)} of {len(index)} classes missing (e.g. {missing[0]})")
     return images, found, notes
 
 
+def _class_index(classes: list[str], num_classes: int, where: Path, model_classes: ModelClasses | None
+                 ) -> dict[str, int]:
+    """The plan's class folders labelled by the model's classes (without a class list given, the older
+    rule: sorted, as many as ``num_classes``)."""
+    return map_classes(classes, model_classes or ModelClasses(count=num_classes), str(where))
+
+
 def plan_released(root: str | Path, corruptions: Sequence[str], severities: Sequence[int],
-                  clean: str | Path | None, num_classes: int, classes: list[str] | None = None) -> Plan:
-    """Scan the released layout; missing corruptions/severities/classes become listed skips."""
+                  clean: str | Path | None, num_classes: int, classes: list[str] | None = None,
+                  model_classes: ModelClasses | None = None) -> Plan:
+    """Scan the released layout; missing corruptions/severities/classes become listed skips. The class
+    folders are labelled by ``model_classes`` (a wnid's true index) when given."""
     root = Path(root)
     if not root.is_dir():
         raise PctuneError(f"{root}: no such directory")
@@ -101,15 +112,15 @@ def plan_released(root: str | Path, corruptions: Sequence[str], severities: Sequ
     if classes is None:
         classes = sorted({p.name for c in corruptions for s in severities
                           for p in (root / c / str(s)).glob("*") if p.is_dir()})
-    _check_classes(classes, num_classes, root)
-    plan = Plan("released", classes, {}, [])
+    index = _class_index(classes, num_classes, root, model_classes)
+    plan = Plan("released", sorted(index), {}, [], index=index)
     for c in corruptions:
         for s in severities:
             folder = root / c / str(s)
             if not folder.is_dir():
                 plan.skipped.append(f"{c}/{s}: missing ({folder})")
                 continue
-            images, _, notes = _class_images(folder, classes)
+            images, _, notes = _class_images(folder, index)
             plan.skipped.extend(notes)
             if not images:
                 plan.skipped.append(f"{c}/{s}: no images")
@@ -123,17 +134,17 @@ def plan_released(root: str | Path, corruptions: Sequence[str], severities: Sequ
 
 
 def plan_generated(clean: str | Path, corruptions: Sequence[str], severities: Sequence[int], num_classes: int,
-                   num_images: int | None = None, seed: int = 0) -> Plan:
+                   num_images: int | None = None, seed: int = 0, model_classes: ModelClasses | None = None) -> Plan:
     """Every (corruption, severity) of the clean val folder, corrupted on the fly."""
     clean = Path(clean)
     if not clean.is_dir():
         raise PctuneError(f"{clean}: no such directory")
-    images, classes, _ = _class_images(clean, None)
-    _check_classes(classes, num_classes, clean)
+    index = _class_index(sorted(p.name for p in clean.iterdir() if p.is_dir()), num_classes, clean, model_classes)
+    images, classes, _ = _class_images(clean, index)
     if not images:
         raise PctuneError(f"{clean}: no images")
     images = [images[i] for i in seeded_subset(len(images), num_images, seed)]
-    plan = Plan("generated", classes, {}, [])
+    plan = Plan("generated", classes, {}, [], index=index)
     unknown = [c for c in corruptions if c not in alexnet()["errors"]]
     if unknown:
         raise PctuneError(f"unknown corruption {unknown[0]!r}")
@@ -148,16 +159,10 @@ def plan_generated(clean: str | Path, corruptions: Sequence[str], severities: Se
 
 
 def _add_clean(plan: Plan, clean: Path) -> None:
-    images, _, notes = _class_images(clean, plan.classes)
+    images, _, notes = _class_images(clean, plan.index)
     plan.skipped.extend(notes)
     plan.shards.append(CShard("clean", 0))
     plan.images["clean"] = images
-
-
-def _check_classes(classes: list[str], num_classes: int, where: Path) -> None:
-    if len(classes) != num_classes:
-        raise PctuneError(f"{where}: the class list has {len(classes)} classes but the model predicts "
-                          f"{num_classes}; class folders are mapped to outputs in sorted order")
 
 
 # -- evaluating one shard -------------------------------------------------------------------------

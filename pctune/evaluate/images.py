@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pctune.data.classes import ModelClasses
 from pctune.data.subsets import load_val_subset, seeded_subset
 from pctune.errors import PctuneError
 
@@ -21,15 +22,17 @@ class Images:
     std: list[float]
     folder: Path
     crop: bool  # the folder's images are resized and centre-cropped (ImageNet's recipe), not just resized
+    classes: ModelClasses | None = None  # how the folder's class folders were labelled (the model's classes)
 
     def normalized(self) -> torch.Tensor:
         return (self.pixels - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
 
 
 def clean_images(source: str, path: str | None, input_size: tuple[int, int, int], num_images: int | None = None,
-                 seed: int = 0, workers: int = 0) -> Images:
+                 seed: int = 0, workers: int = 0, classes: ModelClasses | None = None) -> Images:
     """The clean images of ``source`` ("digits" or an ImageNet-style val folder at ``path``): all of
-    them, or the seeded subset of ``num_images`` (:func:`pctune.data.subsets.seeded_subset`)."""
+    them, or the seeded subset of ``num_images`` (:func:`pctune.data.subsets.seeded_subset`); a folder's
+    class folders labelled by the model's ``classes`` (:func:`pctune.data.classes.map_classes`)."""
     if source == "digits":
         from pctune.data.demo import digits, digits_folder, digits_normalization
 
@@ -41,5 +44,5 @@ def clean_images(source: str, path: str | None, input_size: tuple[int, int, int]
 
     if not path or not Path(path).is_dir():
         raise PctuneError(f"{path}: no such image folder")
-    pixels, labels = load_val_subset(path, num_images, seed, input_size[-1], workers, normalize=False)
-    return Images(pixels, labels, list(IMAGENET_MEAN), list(IMAGENET_STD), Path(path), crop=True)
+    pixels, labels = load_val_subset(path, num_images, seed, input_size[-1], workers, normalize=False, classes=classes)
+    return Images(pixels, labels, list(IMAGENET_MEAN), list(IMAGENET_STD), Path(path), crop=True, classes=classes)

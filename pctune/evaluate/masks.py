@@ -4,7 +4,8 @@ ImageNet-S (Gao et al.) ships one PNG per validation image whose class id at eac
 ``R + 256 * G``: 0 is background, 1000 is "ignore" (pixels the annotators left out), anything else an
 ImageNet-S category (a line of its categories file, counted from 1). Masks are matched to the val
 images by file name (the stem: ``ILSVRC2012_val_00000001.JPEG`` <- ``ILSVRC2012_val_00000001.png``,
-anywhere under the folder) and go through the images' own resize + centre crop, nearest-neighbour.
+anywhere under the folder), must have their image file's size (``mask_resize = true`` resizes them to it,
+nearest-neighbour) and go through the images' own resize + centre crop, nearest-neighbour.
 The demo has no such masks: a digit's object is its own ink (pixels above a threshold).
 
 Threshold rule (the paper does not state one): the CAM is upsampled bilinearly to the image size,
@@ -59,11 +60,14 @@ def object_mask(ids: np.ndarray, class_id: int | None) -> tuple[np.ndarray, np.n
 
 
 def imagenet_s_masks(folder: str | Path, names: Sequence[str], image_size: int,
-                     categories: str | Path | None = None) -> tuple[Tensor, Tensor, list[int]]:
+                     categories: str | Path | None = None, images: str | Path | None = None,
+                     resize: bool = False) -> tuple[Tensor, Tensor, list[int]]:
     """(objects [N, S, S] bool, valid [N, S, S] bool, indices of ``names`` that have a mask).
 
-    ``names`` are the images' paths relative to their ImageFolder root (``wnid/file``); with a
-    ``categories`` file the object is the image's own class, else every labelled pixel."""
+    ``names`` are the images' paths relative to their ImageFolder root ``images`` (``wnid/file``); with a
+    ``categories`` file the object is the image's own class, else every labelled pixel. A mask whose size
+    differs from its image file's is an error naming it, unless ``resize`` (``mask_resize = true``): then it
+    is resized to the image's size first (nearest-neighbour)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PctuneError(f"{folder}: no such mask folder")
@@ -80,13 +84,36 @@ def imagenet_s_masks(folder: str | Path, names: Sequence[str], image_size: int,
             if wnid not in classes:
                 continue  # a class ImageNet-S does not annotate
             class_id = classes[wnid]
-        obj, valid = object_mask(decode_imagenet_s(path), class_id)
+        ids = decode_imagenet_s(path)
+        if images is not None:
+            ids = _fit_to_image(ids, path, Path(images) / name, resize)
+        obj, valid = object_mask(ids, class_id)
         objects.append(_val_geometry(obj, image_size))
         valids.append(_val_geometry(valid, image_size))
         found.append(i)
     if not found:
         raise PctuneError(f"{folder}: no mask matches any of the {len(names)} images by file name")
     return torch.stack(objects), torch.stack(valids), found
+
+
+def _fit_to_image(ids: np.ndarray, mask: Path, image: Path, resize: bool) -> np.ndarray:
+    """A decoded mask at its image file's own size (before any transform): as it is when the sizes agree; an
+    error naming the mask when they differ, unless ``resize`` (then nearest-neighbour to the image's size)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            width, height = im.size
+    except OSError as exc:
+        raise PctuneError(f"{image}: cannot be read as an image ({exc})") from exc
+    if ids.shape == (height, width):
+        return ids
+    if not resize:
+        raise PctuneError(f"{mask}: the mask is {ids.shape[1]}x{ids.shape[0]} but its image {image} is "
+                          f"{width}x{height} (width x height); set mask_resize = true in [promotion.explain] "
+                          "(pctune evaluate: --set mask_resize=true) to resize masks to their images")
+    resized = Image.fromarray(ids.astype(np.int32)).resize((width, height), Image.NEAREST)
+    return np.asarray(resized, dtype=np.int64)
 
 
 def _val_geometry(mask: np.ndarray, image_size: int) -> Tensor:

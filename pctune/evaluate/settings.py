@@ -119,6 +119,7 @@ class ExplainSettings:
     seed: int = 0
     masks: str | None = None  # the ImageNet-S mask folder (required unless the data is "digits")
     categories: str | None = None  # ImageNet-S categories file (wnid per line); None: every labelled pixel
+    mask_resize: bool = False  # a mask whose size differs from its image's: resize it (false: an error)
     ink_threshold: float = 0.5  # digits: the object is the ink, pixels above this in [0, 1]
     cam_threshold: float = 0.5  # the CAM's region: min-max normalised CAM >= this
     grad_mode: str = "exact"  # how the unrolled network is differentiated (as the adversarial stage)

@@ -26,7 +26,7 @@ from pctune.evaluate.settings import (
     NoiseSettings,
     parse_stage_settings,
 )
-from pctune.models.registry import output_classes
+from pctune.models.registry import model_classes
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
 
@@ -63,11 +63,13 @@ def _corruption_plan(net: PredictiveNet, images: Images, settings: ImagenetCSett
     from pctune.evaluate import imagenet_c as ic
 
     corruptions = settings.corruptions or ic.standard_corruptions() + ic.extra_corruptions()
-    num_classes = output_classes(net)
+    classes = model_classes(net)
     clean = settings.clean or images.folder
     if settings.source == "released":
-        return ic.plan_released(settings.path, corruptions, settings.severities, clean, num_classes)
-    return ic.plan_generated(clean, corruptions, settings.severities, num_classes, settings.num_images, settings.seed)
+        return ic.plan_released(settings.path, corruptions, settings.severities, clean, classes.count,
+                                model_classes=classes)
+    return ic.plan_generated(clean, corruptions, settings.severities, classes.count, settings.num_images,
+                             settings.seed, model_classes=classes)
 
 
 def run_imagenet_c(net: PredictiveNet, hparams: Hyperparameters, images: Images, settings: ImagenetCSettings,
@@ -152,10 +154,11 @@ def masked_images(images: Images, settings: ExplainSettings, net: PredictiveNet,
     from pctune.data.folders import image_folder
     from pctune.data.subsets import seeded_subset
 
-    samples = image_folder(images.folder, split="val", image_size=net.input_size[-1]).samples
+    samples = image_folder(images.folder, split="val", image_size=net.input_size[-1], classes=images.classes).samples
     names = [str(Path(samples[i][0]).relative_to(images.folder))
              for i in seeded_subset(len(samples), settings.num_images, settings.seed)]
-    objects, valid, found = imagenet_s_masks(settings.masks, names, net.input_size[-1], settings.categories)
+    objects, valid, found = imagenet_s_masks(settings.masks, names, net.input_size[-1], settings.categories,
+                                             images=images.folder, resize=settings.mask_resize)
     log(f"explain: {len(found)} of {len(names)} images have a mask in {settings.masks}")
     return images.pixels[found], images.labels[found], objects, valid
 
@@ -175,7 +178,8 @@ def stage_images(stage: str, settings, source: str, path: str | None, net: Predi
     """The clean images a stage starts from: the noise sweep and explain draw their seeded subset here; the other
     stages take every image (ImageNet-C subsets its own plan, the attacks choose their own images)."""
     num_images = settings.num_images if stage in ("noise", "explain") else None
-    return clean_images(source, path, net.input_size, num_images, settings.seed, workers)
+    classes = model_classes(net) if source != "digits" else None
+    return clean_images(source, path, net.input_size, num_images, settings.seed, workers, classes)
 
 
 def evaluate_one(stage: str, net: PredictiveNet, hparams: Hyperparameters, data: str, out: Path,

@@ -21,6 +21,9 @@ from pctune.pc.hyperparameters import Hyperparameters
 
 _PREFIXES = ("torch.nn.", "nn.")
 
+#: the top-level keys of a Predify configuration (``backbone``: pctune's addition, when it names none)
+PREDIFY_KEYS = ("backbone", "gradient_scaling", "imports", "input_size", "name", "pcoders", "shared_hyperparameters")
+
 
 def module_path(name: str) -> str:
     """Predify's ``"features [3]"`` / ``"blocks[0]"`` notation as a dotted module path."""
@@ -82,6 +85,10 @@ def _literal(node: ast.expr, where: str) -> Any:
 def spec_from_predify(data: Mapping[str, Any], source: str = "<predify config>",
                       backbone: str = "") -> ModelSpec:
     """Convert a parsed Predify configuration to a :class:`ModelSpec`."""
+    unknown = sorted(set(data) - set(PREDIFY_KEYS))
+    if unknown:
+        raise PctuneError(f"{source}: unknown key {unknown[0]!r} in a Predify configuration "
+                          f"(known: {', '.join(PREDIFY_KEYS)})")
     for line in data.get("imports", []):
         _check_import(str(line), source)
     tables = data.get("pcoders")

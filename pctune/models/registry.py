@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pctune.data.classes import ModelClasses, resolve_classes
 from pctune.errors import PctuneError
 from pctune.models.backbones import build_backbone
 from pctune.models.layers import build_decoder, default_decoder
@@ -44,6 +45,16 @@ def output_classes(net: PredictiveNet) -> int:
     """How many classes ``net`` predicts: the width of its output on one blank input."""
     device = next(net.parameters()).device
     return int(net(torch.zeros(1, *net.input_size, device=device)).shape[-1])
+
+
+def model_classes(net: PredictiveNet, count: bool = True) -> ModelClasses:
+    """What ``net`` predicts, for labelling a class folder (:func:`pctune.data.classes.map_classes`): its
+    declared class list and (``count``) its number of outputs, which must agree with the list."""
+    outputs = output_classes(net) if count else None
+    names = getattr(net, "classes", None)
+    if names is not None and outputs is not None and outputs != len(names):
+        raise PctuneError(f"{net.name} declares {len(names)} classes but predicts {outputs}")
+    return ModelClasses(names, outputs, net.name)
 
 
 def load_spec(path: str | Path) -> ModelSpec:
@@ -149,6 +160,7 @@ def build_from_spec(
         presets=spec.presets,
         cam_layer=spec.cam_layer,
     )
+    net.classes = resolve_classes(spec.classes)  # output i predicts classes[i] (None: not declared)
     if feedback_weights is not None:
         load_feedback_weights(net, feedback_weights)
     return net

@@ -32,6 +32,9 @@ class ModelSpec:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     cam_layer: str | None = None  # the pcoder module Grad-CAM explains (None: the last pcoder's)
+    # the classes it predicts, in output order: "imagenet-1k" or a list of names (None: not declared;
+    # class folders are then taken in sorted order), see pctune.data.classes
+    classes: str | list[str] | None = None
 
     @property
     def num_pcoders(self) -> int:
@@ -55,7 +58,7 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Mod
         if key not in data:
             raise PctuneError(f"{where}: missing required key {key!r}")
     known = {"name", "backbone", "pcoders", "input_size", "gradient_scaling", "description",
-             "hyperparameters", "backbone_kwargs", "cam_layer"}
+             "hyperparameters", "backbone_kwargs", "cam_layer", "classes"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PctuneError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -77,8 +80,13 @@ def spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Mod
         backbone_kwargs=dict(data.get("backbone_kwargs", {})),
         source=source,
         cam_layer=_cam_layer(data.get("cam_layer"), pcoders, where),
+        classes=parse_classes(data.get("classes"), where),
     )
-    for preset, table in data.get("hyperparameters", {}).items():
+    presets = data.get("hyperparameters", {})
+    if not isinstance(presets, Mapping) or not all(isinstance(t, Mapping) for t in presets.values()):
+        raise PctuneError(f"{where}: hyperparameters must be tables of presets ([hyperparameters.NAME] with beta, "
+                          f"lambda and alpha), got {_kind(presets)}")
+    for preset, table in presets.items():
         try:
             spec.presets[preset] = Hyperparameters.from_mapping(table, spec.num_pcoders).for_pcoders(
                 spec.num_pcoders)
@@ -93,6 +101,30 @@ def _cam_layer(value: Any, pcoders: list[PcoderSpec], where: str) -> str | None:
     if value is not None and value not in modules:
         raise PctuneError(f"{where}: cam_layer {value!r} must be one of the pcoder modules ({', '.join(modules)})")
     return None if value is None else str(value)
+
+
+def _kind(value: Any) -> str:
+    return "a table of non-tables" if isinstance(value, Mapping) else f"a {type(value).__name__}"
+
+
+def parse_classes(value: Any, where: str) -> str | list[str] | None:
+    """A spec's ``classes``: the name of a known class list or a non-empty list of distinct names."""
+    from pctune.data.classes import NAMED_CLASS_LISTS
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in NAMED_CLASS_LISTS:
+            raise PctuneError(f"{where}: classes: unknown class list {value!r} (known: {', '.join(NAMED_CLASS_LISTS)}, "
+                              "or a list of class names)")
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise PctuneError(f"{where}: classes must be {' or '.join(map(repr, NAMED_CLASS_LISTS))} or a non-empty "
+                          "list of class names")
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        raise PctuneError(f"{where}: classes: {repeated[0]!r} is listed twice")
+    return list(value)
 
 
 def parse_input_size(value: Any, where: str) -> tuple[int, int, int]:

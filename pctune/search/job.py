@@ -305,6 +305,7 @@ def _check_robust_search(job: Job, source: str) -> None:
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_NAME_LENGTH = 100  # a folder name: well below 255 bytes, with room for the files named after it
 
 
 def _job_name(name: str, source: str) -> str:
@@ -313,6 +314,8 @@ def _job_name(name: str, source: str) -> str:
     if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
         raise PctuneError(f"{source}: name: {name!r} is not a plain name (letters, digits, '-', '_', '.'; "
                           "not empty, not '.' or '..')")
+    if len(name) > MAX_NAME_LENGTH:
+        raise error(source, "name", f"too long: {len(name)} characters (at most {MAX_NAME_LENGTH}: the run folder)")
     return name
 
 

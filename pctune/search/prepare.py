@@ -143,26 +143,47 @@ def _clean_subset(job: Job, spec: ModelSpec, unreadable: list[str] | None):
         return images[idx], labels[idx]
     from pctune.data.subsets import load_val_subset
 
-    return load_val_subset(data.path, data.num_images, data.seed, size, data.workers, unreadable=unreadable)
+    return load_val_subset(data.path, data.num_images, data.seed, size, data.workers, unreadable=unreadable,
+                           classes=spec_classes(spec))
 
 
 def check_classes(job: Job, net: PredictiveNet) -> int:
     """The model's number of classes, checked against the data's before any image is loaded: class
-    folders are mapped to the outputs in sorted order, so the counts must agree."""
-    from pctune.models.registry import output_classes
+    folders are labelled by the model's class list (a wnid keeps its true index), or, for a model without
+    one, in sorted order, and then the counts must agree (:func:`pctune.data.classes.map_classes`)."""
+    from pctune.data.classes import map_classes
+    from pctune.models.registry import model_classes
 
-    num_classes = output_classes(net)
+    try:
+        classes = model_classes(net)
+    except PctuneError as exc:
+        raise PctuneError(f"{job.source}: model: {exc}") from exc
+    num_classes = classes.count
     if job.data.source == "digits":
-        found, where = 10, "the digits have 10 classes"
-    else:
-        from pctune.data.folders import folder_classes
+        if num_classes != 10:
+            raise PctuneError(f"{job.source}: the digits have 10 classes but {job.model.name} predicts {num_classes} "
+                              "classes")
+        return num_classes
+    from pctune.data.folders import folder_classes
 
-        found = len(folder_classes(job.data.path))
-        where = f"data.path: {job.data.path} has {found} class folders"
-    if found != num_classes:
-        raise PctuneError(f"{job.source}: {where} but {job.model.name} predicts {num_classes} classes "
-                          "(class folders are mapped to the outputs in sorted order)")
+    found = folder_classes(job.data.path)
+    if classes.names is None and len(found) != num_classes:
+        raise PctuneError(f"{job.source}: data.path: {job.data.path} has {len(found)} class folders but "
+                          f"{job.model.name} predicts {num_classes} classes (class folders are mapped to the outputs "
+                          "in sorted order)")
+    try:
+        map_classes(found, classes, str(job.data.path))
+    except PctuneError as exc:
+        raise PctuneError(f"{job.source}: data.path: {exc}") from exc
     return num_classes
+
+
+def spec_classes(spec: ModelSpec):
+    """The class list ``spec`` declares, for labelling the job's folder (checked against the network's
+    outputs by :func:`check_classes`)."""
+    from pctune.data.classes import ModelClasses, resolve_classes
+
+    return ModelClasses(resolve_classes(spec.classes), None, spec.name)
 
 
 def starting_points(job: Job, net: PredictiveNet, space: SearchSpace) -> list[StartingPoint]:
@@ -227,7 +248,7 @@ def cam_images(job: Job, spec: ModelSpec, net: PredictiveNet, log: Log
         raise PctuneError(f"{job.source}: data.image_size: objective.kind = 'cam_iou' on an image folder takes the "
                           f"model's input size ({spec.input_size[-1]}), got {size}")
     images = clean_images(data.source, data.path, (spec.input_size[0], size, size), data.num_images, data.seed,
-                          data.workers)
+                          data.workers, None if data.source == "digits" else spec_classes(spec))
     settings = replace(job.promotion.settings["explain"], num_images=data.num_images, seed=data.seed)
     pixels, labels, objects, valid = masked_images(images, settings, net, log)
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (images.mean, images.std))

@@ -39,7 +39,7 @@ from pctune.search import manifest
 from pctune.search.conditions import pareto_front
 from pctune.search.manifest import MARKER  # noqa: F401 (re-exported: where it was defined before)
 from pctune.search.objective import METRIC, MODE
-from pctune.utils import atomic_write_json, atomic_write_text
+from pctune.utils import atomic_write_json, atomic_write_text, first_line
 
 JOB = "job.json"
 REFERENCES = "references.json"
@@ -238,7 +238,7 @@ class RunDir:
             raise PctuneError(f"no search of {job_name} in {self.path} (run `pctune search {job_name}` first)")
 
     def job_record(self) -> dict[str, Any]:
-        return self.read_json(JOB) or {}
+        return self.read_json(JOB, dict) or {}
 
     @property
     def timesteps(self) -> int:
@@ -281,9 +281,19 @@ class RunDir:
         return ended >= expected > 0 and (not per_pcoder or (self.path / COMBINATION).is_file())
 
     # -- files ----------------------------------------------------------------------------------------
-    def read_json(self, name: str) -> Any:
+    def read_json(self, name: str, kind: type | None = None) -> Any:
+        """A JSON file of the run (None when absent); a damaged one (not JSON, or not a ``kind``) is a
+        one-line error naming it and how to recover."""
         path = self.path / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            value = json.loads(path.read_text())
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _damaged(path, first_line(exc)) from exc
+        if kind is not None and not isinstance(value, kind):
+            raise _damaged(path, f"expected a JSON {'object' if kind is dict else kind.__name__}")
+        return value
 
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic_write_json(self.register(name), obj)
@@ -322,7 +332,7 @@ class RunDir:
 
     def references(self) -> dict[str, dict]:
         """name -> ``{"config", "metrics"}`` of the reference points (feedforward, presets)."""
-        return self.read_json(REFERENCES) or {}
+        return self.read_json(REFERENCES, dict) or {}
 
     # -- the ranking --------------------------------------------------------------------------------
     def entries(self, stage: str | None = None) -> list[Entry]:
@@ -385,3 +395,7 @@ def _with_front(entries: list[Entry], front: Sequence[str]) -> list[tuple[Entry,
     found = _rankable(entries)
     on_front = pareto_front([[float(e.metrics.get(m, math.nan)) for m in front] for e in found])
     return list(zip(found, on_front, strict=True))
+
+
+def _damaged(path: Path, why: str) -> PctuneError:
+    return PctuneError(f"{path}: damaged ({why}); restore it from a backup, or run the search again with --overwrite")
