@@ -79,11 +79,21 @@ def test_check_sees_an_earlier_search_of_the_job(tmp_path):
 
 
 def test_check_sees_a_run_directory_another_command_holds(tmp_path):
-    from pctune.search.runlock import run_lock
+    import subprocess
+    import sys
 
-    with run_lock(tmp_path / "runs" / "demo", "pctune search demo", log=lambda _m: None):
+    holder = ("import sys, time\nfrom pctune.search.runlock import run_lock\n"
+              "with run_lock(sys.argv[1], 'pctune search demo', log=lambda _m: None):\n"
+              "    print('held', flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "runs" / "demo")], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
         code, _out, err = _run(["check", "demo", "--storage-path", str(tmp_path / "runs"), "--resume"])
-    assert code == 2 and err.count("\n") == 1 and "is in use by `pctune search demo` (pid" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 2 and err.count("\n") == 1 and f"is in use by `pctune search demo` (pid {proc.pid}" in err, err
 
 
 # -- the property: any job file, any override -> exit 0 or exactly one line -----------------------------

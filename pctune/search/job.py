@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pctune.search.conditions import RobustObjective, read_robust
 from pctune.search.grid import GRID_STRATEGY, GridSpec, check_grid_search, read_grid
 from pctune.search.locate import REPO_ROOT, resolve_job_path, resolve_space_path  # noqa: F401 (re-exported)
 from pctune.search.objective import CAM_TIMESTEPS, OBJECTIVES
+from pctune.search.overrides import has_dotted, parse_assignment, set_dotted  # noqa: F401 (re-exported)
 from pctune.search.samplers import CONSTRAINED, MULTI_OBJECTIVE, SAMPLERS
 from pctune.search.schedulers import SCHEDULERS
 
@@ -197,7 +197,7 @@ def load_job(name_or_path: str | Path, overrides: Mapping[str, Any] | None = Non
 def _check_replaced_values(written: Mapping, given: Mapping[str, Any], path: Path) -> None:
     """A flag must not hide an invalid value in the file: check the file with only the other flags
     applied, and report an error about a value a flag replaces (other errors may be what flags fix)."""
-    replaced = [key for key in given if _has_dotted(written, key)]
+    replaced = [key for key in given if has_dotted(written, key)]
     if not replaced:
         return
     data = copy.deepcopy(written)
@@ -209,43 +209,6 @@ def _check_replaced_values(written: Mapping, given: Mapping[str, Any], path: Pat
     except PctuneError as exc:
         if any(f"{key}:" in str(exc) for key in replaced):
             raise
-
-
-def _has_dotted(data: Mapping, key: str) -> bool:
-    for part in key.split("."):
-        if not isinstance(data, Mapping) or part not in data:
-            return False
-        data = data[part]
-    return True
-
-
-def set_dotted(data: dict, key: str, value: Any, where: str = "<job>") -> None:
-    parts = key.split(".")
-    table = data
-    for part in parts[:-1]:
-        table = table.setdefault(part, {})
-        if not isinstance(table, dict):
-            raise PctuneError(f"{where}: cannot set {key}: {part} is not a table")
-    table[parts[-1]] = value
-
-
-_DOTTED_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
-
-
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"search.sampler=cmaes"`` -> ``("search.sampler", "cmaes")``; the value is read as a TOML value
-    (numbers, booleans, lists, quoted strings) and otherwise kept as a string."""
-    if "=" not in text:
-        raise PctuneError(f"--set {text!r}: expected KEY=VALUE")
-    key, raw = (s.strip() for s in text.split("=", 1))
-    if not _DOTTED_KEY.fullmatch(key):
-        raise PctuneError(f"--set {text[:80]!r}: {key[:40]!r} is not a job field (a dotted name such as "
-                          "objective.sigma)")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
 
 
 #: a job's top-level keys besides its tables
