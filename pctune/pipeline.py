@@ -9,8 +9,9 @@ Which configuration won is always :meth:`pctune.search.rundir.RunDir.ranking`'s 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,18 +43,25 @@ def search(job: Job, log: Log = print) -> dict[str, Any]:
     logger = MlflowTrialLogger(lambda: open_tracker(job, uri), warn)
     try:
         summary = run_search(job, log=log, callbacks=[logger])
-    except Interrupted:
+    except (Interrupted, KeyboardInterrupt, OSError) as exc:  # a signal, a full disk: the parent is KILLED
         _mark_killed(logger.tracker, log)
+        if isinstance(exc, KeyboardInterrupt):  # outside Tune's trials (preparing, scoring the references)
+            raise Interrupted(f"the search of {job.name} stopped") from None
         raise
     try:
         synced = sync(job, uri, log=log)
+    except Interrupted as exc:  # `--resume` finds every trial done and syncs again
+        raise Interrupted(exc.stopped) from None
     except Exception as exc:
         logger.fail(exc)
         return summary
     log(f"MLflow: experiment {experiment_name(job)!r} at {uri}; browse with: "
         f"{ui_command(uri, synced['experiment_id'])}")
     if job.promotion.stages and job.promotion.auto:
-        summary["promotion"] = promote(job, log=log)
+        try:
+            summary["promotion"] = promote(job, log=log)
+        except Interrupted as exc:  # `--resume` finds the search done and promotes again, skipping what finished
+            raise Interrupted(exc.stopped) from None
     return summary
 
 
@@ -102,13 +110,23 @@ def _parent_params(job: Job, run_dir: RunDir) -> dict[str, Any]:
 def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     """``pctune sync``: upload what MLflow is missing of ``job``'s search: trials, the summary, the
     champion."""
-    from pctune.tracking.summary import log_search_summary
-
     run_dir = RunDir(job.run_dir)
     run_dir.require_search(job.name)
     uri = uri or resolve_tracking_uri(job.tracking.tracking_uri or run_dir.tracking_uri())
     check_reachable(uri)
     tracker = open_tracker(job, uri)
+    try:
+        return _sync_into(job, tracker, run_dir, log)
+    except (KeyboardInterrupt, OSError) as exc:  # a signal, a full disk: the parent is not left RUNNING
+        _mark_killed(tracker, log)
+        if isinstance(exc, OSError):
+            raise
+        raise Interrupted(f"the sync of {job.name} stopped (what reached MLflow is kept)", rerun=True) from None
+
+
+def _sync_into(job: Job, tracker: SearchTracker, run_dir: RunDir, log: Log) -> dict[str, Any]:
+    from pctune.tracking.summary import log_search_summary
+
     entries = run_dir.entries()  # read once: the trials to log and the winner come from the same entries
     trials = [e for e in entries if e.kind == "trial"]
     added = tracker.log_missing((t.trial_id, t.config, t.metrics, t.curve) for t in trials)
@@ -233,14 +251,26 @@ def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None,
         outputs = {}
         for stage in stages:
             settings = job.promotion.settings[stage]
-            images = stage_images(stage, settings, job.data.source, job.data.path, net, job.data.workers)
-            outputs[stage] = run_stage(settings, net, cand.entry.hparams, images, root / cand.name / stage, log)
+            with _stops_as_interrupted(f"the promotion of {job.name} stopped in {cand.name} {stage} (finished "
+                                       f"shards are kept in {root / cand.name / stage})"):
+                images = stage_images(stage, settings, job.data.source, job.data.path, net, job.data.workers)
+                outputs[stage] = run_stage(settings, net, cand.entry.hparams, images, root / cand.name / stage, log)
             log(f"promotion: {cand.name} {stage}:\n{outputs[stage].brief}")
         (root / cand.name / "hparams.toml").write_text(cand.entry.hparams.to_toml())
         summary[cand.name] = {"trial": cand.key, "mean_ce": cand.entry.mean_ce, "stages": stages,
                               "dir": str(root / cand.name)}
         _track_promotion(job, cand, outputs, log)
     return summary
+
+
+@contextlib.contextmanager
+def _stops_as_interrupted(stopped: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside: :class:`Interrupted` saying ``stopped``; running the same command again
+    continues (every stage skips the shards that have a result file)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(stopped, rerun=True) from None
 
 
 def _track_promotion(job: Job, cand: Candidate, outputs: dict, log: Log) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
-from pctune import interrupts
+from pctune import localray
 from pctune.errors import Interrupted, PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, StateSnapshots
@@ -58,22 +58,28 @@ def connect(address: str | None, log: Log = _print) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=False, runtime_env=_runtime_env())
+        localray.init(address, log_to_driver=False, runtime_env=_runtime_env())
     else:
-        # address="local": never join some other Ray that happens to run on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    interrupts.after_ray_init()
+        # address="local": never join some other Ray that happens to run on this machine. Its processes
+        # run in a session of their own, so a SIGTERM to our process group stops the search, not Ray.
+        localray.init_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     resources = ray.cluster_resources()
     log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
 
 def check_resources(job: Job, log: Log = _print) -> None:
     """A trial that asks for more than the cluster has would wait forever: an error on a local Ray, a
-    warning on a cluster (which may scale up)."""
+    warning on a cluster (which may scale up). A local Ray's resources are this machine's, known before
+    Ray starts (so a refused search starts no Ray); a cluster's are asked of Ray, after connecting."""
     import ray
 
-    have = ray.cluster_resources()
     local = not (job.run.address or os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized():
+        have = ray.cluster_resources()
+    elif local:
+        have = _local_resources()
+    else:
+        return
     for key, ray_key, flag in (("gpu", "GPU", "--gpus-per-trial"), ("cpu", "CPU", "--cpus-per-trial")):
         want = job.search.resources[key]
         if want > have.get(ray_key, 0):
@@ -82,6 +88,13 @@ def check_resources(job: Job, log: Log = _print) -> None:
             if local:
                 raise PctuneError(message)
             log(f"warning: {message}")
+
+
+def _local_resources() -> dict[str, float]:
+    """What a local Ray started by :func:`connect` has: every CPU, every visible GPU (as Ray counts them)."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def _runtime_env() -> dict:
@@ -136,8 +149,9 @@ def run_search(job: Job, log: Log = _print, callbacks: list | None = None) -> di
     check_paths(job)
     _claim_run_dir(job, run_dir, log)
     prep = prepare(job, log)
+    check_resources(job, log)  # a local Ray's resources, before it starts
     connect(job.run.address, log)
-    check_resources(job, log)
+    check_resources(job, log)  # a cluster's, once connected
     check_ray_version(log)
     setup = trial_setup(prep)
     run_dir.write_json(JOB, _job_record(prep))
