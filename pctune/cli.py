@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> tuple[int, str | None]:
         return 2, f"pctune: error: {exc}"
     except KeyboardInterrupt:
         return interrupts.exit_code(), f"pctune: interrupted ({interrupts.signal_name()})"
-    except OSError as exc:
+    except Exception as exc:  # a full disk or another failed write, pctune's own or Ray Tune's: one line
         line = write_error(exc)
         if line is None:
             raise

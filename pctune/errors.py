@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line, without a traceback."""
 
+import os
+
 
 class PctuneError(ValueError):
     """A problem with what the user asked for (a bad name, file, value or setting)."""
@@ -50,14 +52,30 @@ _WRITTEN = (
 )
 
 
-def write_error(exc: OSError) -> str | None:
+def write_error(error: BaseException) -> str | None:
     """``cannot write PATH (WHAT): REASON`` for an OSError that a failed write raises (a full disk, a
-    quota, a read-only file system); None for any other OSError."""
-    import errno
-
-    if errno.errorcode.get(exc.errno or 0) not in _WRITE_ERRNOS:
+    quota, a read-only file system), also when it is the cause of another error (Ray Tune wraps the
+    errors of its own writes); None for any other error."""
+    exc = _write_oserror(error)
+    if exc is None:
         return None
     path = exc.filename or getattr(exc, "pctune_path", None)
-    what = next((text for pattern, text in _WRITTEN if path and pattern in str(path)), "a file")
+    tail = "/".join(str(path).replace(os.sep, "/").split("/")[-2:]) if path else ""  # the file and its folder
+    what = next((text for pattern, text in _WRITTEN if pattern in tail), "a file")
+    if path and os.path.isdir(path):
+        what = "a file in this folder"
     reason = exc.strerror or str(exc)
     return f"cannot write {path} ({what}): {reason}" if path else f"cannot write ({what}): {reason}"
+
+
+def _write_oserror(error: BaseException | None) -> OSError | None:
+    """The write's OSError in ``error``'s chain of causes and contexts, if there is one."""
+    import errno
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and errno.errorcode.get(error.errno or 0) in _WRITE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None

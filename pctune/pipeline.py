@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from pctune.errors import Interrupted, PctuneError
+from pctune.errors import Interrupted, PctuneError, write_error
 from pctune.search.job import Job
 from pctune.search.prepare import load_job_model
 from pctune.search.rundir import PROMOTION, SWEEP_CSV, SWEEP_PNG, Entry, RunDir, front_members, rank
@@ -43,16 +43,22 @@ def search(job: Job, log: Log = print) -> dict[str, Any]:
     logger = MlflowTrialLogger(lambda: open_tracker(job, uri), warn)
     try:
         summary = run_search(job, log=log, callbacks=[logger])
-    except (Interrupted, KeyboardInterrupt, OSError) as exc:  # a signal, a full disk: the parent is KILLED
+    except (Interrupted, KeyboardInterrupt) as exc:  # a signal: the parent is KILLED, `--resume` reopens it
         _mark_killed(logger.tracker, log)
-        if isinstance(exc, KeyboardInterrupt):  # outside Tune's trials (preparing, scoring the references)
-            raise Interrupted(f"the search of {job.name} stopped") from None
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(f"the search of {job.name} stopped") from None  # outside Tune's trials
+    except Exception as exc:  # a full disk, say: the parent FAILED, not left RUNNING; `--resume` reopens it
+        _mark_killed(logger.tracker, log, "FAILED")
+        _name_the_folder(exc, job.run_dir)
         raise
     try:
         synced = sync(job, uri, log=log)
     except Interrupted as exc:  # `--resume` finds every trial done and syncs again
         raise Interrupted(exc.stopped) from None
     except Exception as exc:
+        if write_error(exc):  # a full disk is the command's error, not an MLflow warning
+            raise
         logger.fail(exc)
         return summary
     log(f"MLflow: experiment {experiment_name(job)!r} at {uri}; browse with: "
@@ -65,12 +71,20 @@ def search(job: Job, log: Log = print) -> dict[str, Any]:
     return summary
 
 
-def _mark_killed(tracker: SearchTracker | None, log: Log) -> None:
-    """An interrupted search's parent run is KILLED, not left RUNNING (``--resume`` reopens it)."""
+def _name_the_folder(exc: Exception, run_dir) -> None:
+    """A write that failed with no file named (Ray Tune's result files, kept open, fail on flush) is
+    named by the run directory it was writing into."""
+    if isinstance(exc, OSError) and exc.filename is None and write_error(exc):
+        raise OSError(exc.errno, exc.strerror, str(run_dir)) from exc
+
+
+def _mark_killed(tracker: SearchTracker | None, log: Log, status: str = "KILLED") -> None:
+    """An interrupted search's parent run is KILLED (a failed one FAILED), not left RUNNING (``--resume``
+    reopens it)."""
     if tracker is None:
         return
     try:
-        tracker.finish("KILLED")
+        tracker.finish(status)
     except Exception as exc:  # the server may be what is going away
         log(f"warning: could not mark the MLflow run as killed ({first_line(exc)[:200]})")
 
@@ -117,11 +131,12 @@ def sync(job: Job, uri: str | None = None, log: Log = print) -> dict[str, Any]:
     tracker = open_tracker(job, uri)
     try:
         return _sync_into(job, tracker, run_dir, log)
-    except (KeyboardInterrupt, OSError) as exc:  # a signal, a full disk: the parent is not left RUNNING
+    except KeyboardInterrupt:
         _mark_killed(tracker, log)
-        if isinstance(exc, OSError):
-            raise
         raise Interrupted(f"the sync of {job.name} stopped (what reached MLflow is kept)", rerun=True) from None
+    except Exception:  # a full disk, say: the parent is not left RUNNING
+        _mark_killed(tracker, log, "FAILED")
+        raise
 
 
 def _sync_into(job: Job, tracker: SearchTracker, run_dir: RunDir, log: Log) -> dict[str, Any]:

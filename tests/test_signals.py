@@ -153,10 +153,11 @@ def test_sigterm_to_the_process_group_stops_the_search_cleanly_and_resume_finish
 @pytest.fixture(scope="module")
 def finished_search(tmp_path_factory):
     """A small finished demo search (2 trials) whose promotion is cheap: one configuration, the
-    generated ImageNet-C on 60 digits at 3 timesteps (19 shards)."""
+    generated ImageNet-C of 3 corruptions on 60 digits at 3 timesteps (16 shards)."""
     tmp_path = tmp_path_factory.mktemp("finished")
     job = demo_job(tmp_path)
-    text = job.read_text().replace("timesteps = 10\nnum_images = 200", "timesteps = 3\nnum_images = 60")
+    text = job.read_text().replace("timesteps = 10\nnum_images = 200", 'timesteps = 3\nnum_images = 60\n'
+                                   'corruptions = ["gaussian_noise", "fog", "contrast"]')
     assert text != job.read_text()
     job.write_text(text)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -179,18 +180,18 @@ def test_sigterm_to_the_process_group_stops_a_promotion_and_a_rerun_completes_it
     assert cmd.finish() == 143, cmd.stdout()[-3000:] + cmd.stderr()[-3000:]
     err = cmd.stderr()
     assert "Traceback" not in err and "Stack trace" not in err, err[-3000:]
-    assert cmd.last_line().startswith("pctune: SIGTERM: the promotion of demo stopped in rank1 imagenet-c"), err
+    assert cmd.last_line().startswith("pctune: SIGTERM: the promotion of demojob stopped in rank1 imagenet-c"), err
     assert cmd.last_line().endswith(f"continue it with `pctune {' '.join(args)}`")
-    shards = tmp_path / "runs" / "demo" / "promotion" / "rank1" / "imagenet-c" / "shards"
+    shards = tmp_path / "runs" / "demojob" / "promotion" / "rank1" / "imagenet-c" / "shards"
     kept = {p.name for p in shards.glob("*.json")}
-    assert 1 <= len(kept) < 19, kept
+    assert 1 <= len(kept) < 16, kept
     assert not list(shards.glob("*.tmp"))
     assert_gone(started_ray)
 
     again = run(tmp_path, args, uri)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"19 shards, {len(kept)} already done" in again.stdout, again.stdout[-3000:]
-    assert len(list(shards.glob("*.json"))) == 19
+    assert f"16 shards, {len(kept)} already done" in again.stdout, again.stdout[-3000:]
+    assert len(list(shards.glob("*.json"))) == 16
 
 
 @pytest.mark.slow
@@ -207,7 +208,7 @@ def test_sigterm_to_the_process_group_during_sync_is_a_clean_stop_or_a_finished_
     assert "Traceback" not in err, err[-3000:]
     assert code in (0, 143), cmd.stdout()[-3000:] + err[-3000:]
     if code == 143:
-        assert cmd.last_line().startswith("pctune: SIGTERM: the sync of demo stopped"), err
+        assert cmd.last_line().startswith("pctune: SIGTERM: the sync of demojob stopped"), err
         assert cmd.last_line().endswith(f"continue it with `pctune {' '.join(args)}`")
         assert parent_statuses(uri) == ["KILLED"]
     again = run(tmp_path, args, uri)
@@ -255,3 +256,47 @@ def test_a_resource_check_fails_before_ray_starts_with_exactly_one_line(tmp_path
     assert lines[0].startswith("pctune: error: ") and lines[0].endswith(
         f"search.resources.cpu = 64 per trial but the Ray cluster has {os.cpu_count()} (set --cpus-per-trial)")
     assert "Ray:" not in done.stdout  # no Ray was started
+
+
+# -- case 6: a full disk ---------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KB tmpfs (a demo search needs more), unmounted afterwards; the test can grow it."""
+    mount_point = tmp_path / "store"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): the full-disk case needs a "
+                    "file system that fills up (run the tests as root, or where `mount -t tmpfs` is allowed)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_resume_finishes_after_freeing_space(tmp_path,
+                                                                                                small_disk):
+    """Case 6: a storage path that fills up mid-search was an OSError traceback, a `.tmp` file left and
+    the MLflow parent RUNNING: now one line naming the file and what was written, exit 1, no temporary
+    file, the parent not RUNNING; with more room, `--resume` finishes the search with every trial once."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "demo", "--storage-path", str(small_disk), "--num-samples", "8", "--max-concurrent", "1",
+            "--set", "data.num_images=40"]
+    full = run(tmp_path, args, uri)
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 1, full.stdout[-3000:] + full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert lines[-1].startswith(f"pctune: error: cannot write {small_disk}/demo"), full.stderr[-3000:]
+    assert lines[-1].endswith("): No space left on device"), lines[-1]
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]
+    assert parent_statuses(uri) and "RUNNING" not in parent_statuses(uri)
+
+    subprocess.run(["mount", "-o", "remount,size=8m", "tmpfs", str(small_disk)], check=True)
+    resumed = run(tmp_path, [*args, "--resume"], uri)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    board = [row.split(",") for row in (small_disk / "demo" / "leaderboard.csv").read_text().splitlines()[1:]]
+    trials = [row[2] for row in board if row[1] == "trial"]
+    assert sorted(trials) == sorted(set(trials)) and len(trials) == 8, board
+    assert parent_statuses(uri) == ["FINISHED"]
