@@ -17,10 +17,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     interrupts.enable()
+    code, message = 1, None
     try:
         code, message = _run(args, list(sys.argv[1:] if argv is None else argv))
     finally:
-        localray.shutdown()  # a local Ray this command started, before the last line (Ray may log on the way)
+        if code != 0:  # stopped or failed: the local Ray this command started goes first, then the last line
+            localray.shutdown()  # (after a success Ray's own exit hook stops it; in-process callers reuse it)
     if message:
         print(message, file=sys.stderr)
     return code

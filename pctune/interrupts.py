@@ -28,8 +28,8 @@ _deferred = False
 
 def enable() -> None:
     """Handle SIGTERM like SIGINT from now on (the ``pctune`` command calls this)."""
-    global _enabled
-    _enabled = True
+    global _enabled, _received, _requested
+    _enabled, _received, _requested = True, None, False  # a new command (tests run several in one process)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigint)
 
