@@ -59,7 +59,7 @@ def write_error(error: BaseException) -> str | None:
     exc = _write_oserror(error)
     if exc is None:
         return None
-    path = exc.filename or getattr(exc, "pctune_path", None)
+    path = exc.filename
     tail = "/".join(str(path).replace(os.sep, "/").split("/")[-2:]) if path else ""  # the file and its folder
     what = next((text for pattern, text in _WRITTEN if pattern in tail), "a file")
     if path and os.path.isdir(path):

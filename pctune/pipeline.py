@@ -294,9 +294,16 @@ def _track_promotion(job: Job, cand: Candidate, outputs: dict, log: Log) -> None
 
     try:
         uri = resolve_tracking_uri(job.tracking.tracking_uri or RunDir(job.run_dir).tracking_uri())
-        log_promotion(open_tracker(job, uri), cand.name, cand.key, cand.entry.params, list(outputs),
-                      [m for out in outputs.values() for m in out.metrics],
-                      [a for out in outputs.values() for a in out.artifacts])
+        identity = RunDir(job.run_dir).tracking_identity(uri, experiment_name(job))
+        tracker = SearchTracker(uri, identity["experiment"], identity["search_id"])
+        before = tracker.client.get_run(tracker.parent_id).info.status if tracker.parent_id else "FINISHED"
+        tracker.start(job.name, _parent_params(job, RunDir(job.run_dir)))
+        try:
+            log_promotion(tracker, cand.name, cand.key, cand.entry.params, list(outputs),
+                          [m for out in outputs.values() for m in out.metrics],
+                          [a for out in outputs.values() for a in out.artifacts])
+        finally:  # the search's parent run keeps the status it had (start() reopened it), not RUNNING
+            tracker.finish("FINISHED" if before == "RUNNING" else before)
     except Exception as exc:
         log(f"warning: MLflow logging of the promotion failed ({first_line(exc)[:200]}); results are in "
             f"{job.run_dir}")

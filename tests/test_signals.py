@@ -187,11 +187,13 @@ def test_sigterm_to_the_process_group_stops_a_promotion_and_a_rerun_completes_it
     assert 1 <= len(kept) < 16, kept
     assert not list(shards.glob("*.tmp"))
     assert_gone(started_ray)
+    assert parent_statuses(uri) == ["FINISHED"]  # the search's parent run, untouched by the stopped promotion
 
     again = run(tmp_path, args, uri)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"16 shards, {len(kept)} already done" in again.stdout, again.stdout[-3000:]
     assert len(list(shards.glob("*.json"))) == 16
+    assert parent_statuses(uri) == ["FINISHED"]  # logging the promotion reopens the parent, then closes it
 
 
 @pytest.mark.slow
