@@ -24,6 +24,7 @@ from pctune.search.claim import check_location, claim_plan
 from pctune.search.identity import check_resume, digest_arrays, evaluation_arrays, fingerprint
 from pctune.search.job import Job
 from pctune.search.prepare import check_paths, prepare
+from pctune.search.raycluster import check_resources
 from pctune.search.rundir import RunDir
 from pctune.search.runlock import check_free
 from pctune.tracking.store import check_reachable, resolve_tracking_uri
@@ -87,17 +88,13 @@ def _check_writable(path: Path, field: str) -> None:
 
 # -- resources ----------------------------------------------------------------------------------------
 def check_local_resources(job: Job) -> str:
-    """A trial's CPUs and GPUs against this machine's, when the search would start a local Ray."""
+    """A trial's CPUs and GPUs against this machine's, when the search would start a local Ray (the
+    search's own check, :func:`pctune.search.raycluster.check_resources`, before Ray starts)."""
     address = job.run.address or os.environ.get("RAY_ADDRESS")
     if address:
         return f"cluster {address} (resources checked when the search joins it)"
-    cpus, gpus = os.cpu_count() or 1, _local_gpus()
-    for key, have, flag in (("cpu", cpus, "--cpus-per-trial"), ("gpu", gpus, "--gpus-per-trial")):
-        want = job.search.resources[key]
-        if want > have:
-            raise PctuneError(f"{job.source}: search.resources.{key} = {want:g} per trial but this machine has "
-                              f"{have:g} {key.upper()}s; lower it ({flag}) or run on a cluster (--address)")
-    return f"local Ray ({cpus} CPUs, {gpus} GPUs)"
+    check_resources(job, log=lambda _message: None)
+    return f"local Ray ({os.cpu_count() or 1} CPUs, {_local_gpus()} GPUs)"
 
 
 def _local_gpus() -> int:

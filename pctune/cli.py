@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pctune import interrupts
-from pctune.errors import Interrupted, PctuneError
+from pctune import interrupts, localray
+from pctune.errors import Interrupted, PctuneError, write_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -17,18 +17,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     interrupts.enable()
+    code, message = 1, None
     try:
-        return int(args.handler(args) or 0)
+        code, message = _run(args, list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if code != 0:  # stopped or failed: the local Ray this command started goes first, then the last line
+            localray.shutdown()  # (after a success Ray's own exit hook stops it; in-process callers reuse it)
+    if message:
+        print(message, file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> tuple[int, str | None]:
+    """The command's exit code and, when it failed or stopped, its one line for stderr."""
+    try:
+        return int(args.handler(args) or 0), None
     except Interrupted as exc:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        print(f"pctune: {interrupts.signal_name()}: {exc.resume_message(argv)}", file=sys.stderr)
-        return interrupts.exit_code()
+        return interrupts.exit_code(), f"pctune: {interrupts.signal_name()}: {exc.resume_message(argv)}"
     except PctuneError as exc:
-        print(f"pctune: error: {exc}", file=sys.stderr)
-        return 2
+        return 2, f"pctune: error: {exc}"
     except KeyboardInterrupt:
-        print(f"pctune: interrupted ({interrupts.signal_name()})", file=sys.stderr)
-        return interrupts.exit_code()
+        return interrupts.exit_code(), f"pctune: interrupted ({interrupts.signal_name()})"
+    except Exception as exc:  # a full disk or another failed write, pctune's own or Ray Tune's: one line
+        line = write_error(exc)
+        if line is None:
+            raise
+        return 1, f"pctune: error: {line}"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,14 +9,15 @@ Which configuration won is always :meth:`pctune.search.rundir.RunDir.ranking`'s 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from pctune.errors import Interrupted, PctuneError
+from pctune.errors import Interrupted, PctuneError, write_error
 from pctune.search.job import Job
 from pctune.search.prepare import load_job_model
 from pctune.search.rundir import PROMOTION, SWEEP_CSV, SWEEP_PNG, Entry, RunDir, front_members, rank
@@ -53,27 +54,48 @@ def _search(job: Job, uri: str, log: Log) -> dict[str, Any]:
     logger = MlflowTrialLogger(lambda: open_tracker(job, uri), warn)
     try:
         summary = run_search(job, log=log, callbacks=[logger])
-    except Interrupted:
+    except (Interrupted, KeyboardInterrupt) as exc:  # a signal: the parent is KILLED, `--resume` reopens it
         _mark_killed(logger.tracker, log)
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(f"the search of {job.name} stopped") from None  # outside Tune's trials
+    except Exception as exc:  # a full disk, say: the parent FAILED, not left RUNNING; `--resume` reopens it
+        _mark_killed(logger.tracker, log, "FAILED")
+        _name_the_folder(exc, job.run_dir)
         raise
     try:
         synced = sync(job, uri, log=log)
+    except Interrupted as exc:  # `--resume` finds every trial done and syncs again
+        raise Interrupted(exc.stopped) from None
     except Exception as exc:
+        if write_error(exc):  # a full disk is the command's error, not an MLflow warning
+            raise
         logger.fail(exc)
         return summary
     log(f"MLflow: experiment {experiment_name(job)!r} at {uri}; browse with: "
         f"{ui_command(uri, synced['experiment_id'])}")
     if job.promotion.stages and job.promotion.auto:
-        summary["promotion"] = promote(job, log=log)
+        try:
+            summary["promotion"] = promote(job, log=log)
+        except Interrupted as exc:  # `--resume` finds the search done and promotes again, skipping what finished
+            raise Interrupted(exc.stopped) from None
     return summary
 
 
-def _mark_killed(tracker: SearchTracker | None, log: Log) -> None:
-    """An interrupted search's parent run is KILLED, not left RUNNING (``--resume`` reopens it)."""
+def _name_the_folder(exc: Exception, run_dir) -> None:
+    """A write that failed with no file named (Ray Tune's result files, kept open, fail on flush) is
+    named by the run directory it was writing into."""
+    if isinstance(exc, OSError) and exc.filename is None and write_error(exc):
+        raise OSError(exc.errno, exc.strerror, str(run_dir)) from exc
+
+
+def _mark_killed(tracker: SearchTracker | None, log: Log, status: str = "KILLED") -> None:
+    """An interrupted search's parent run is KILLED (a failed one FAILED), not left RUNNING (``--resume``
+    reopens it)."""
     if tracker is None:
         return
     try:
-        tracker.finish("KILLED")
+        tracker.finish(status)
     except Exception as exc:  # the server may be what is going away
         log(f"warning: could not mark the MLflow run as killed ({first_line(exc)[:200]})")
 
@@ -124,9 +146,21 @@ def sync(job: Job, uri: str | None = None, log: Log = print, register_incomplete
 
 
 def _sync(job: Job, run_dir: RunDir, uri: str, log: Log, register_incomplete: bool) -> dict[str, Any]:
+    tracker = open_tracker(job, uri)
+    try:
+        return _sync_into(job, tracker, run_dir, log, register_incomplete)
+    except KeyboardInterrupt:
+        _mark_killed(tracker, log)
+        raise Interrupted(f"the sync of {job.name} stopped (what reached MLflow is kept)", rerun=True) from None
+    except Exception:  # a full disk, say: the parent is not left RUNNING
+        _mark_killed(tracker, log, "FAILED")
+        raise
+
+
+def _sync_into(job: Job, tracker: SearchTracker, run_dir: RunDir, log: Log, register_incomplete: bool
+               ) -> dict[str, Any]:
     from pctune.tracking.summary import log_search_summary
 
-    tracker = open_tracker(job, uri)
     complete = run_dir.search_complete()
     tracker.client.set_tag(tracker.parent_id, COMPLETE_SEARCH_TAG, str(complete).lower())
     entries = run_dir.entries()  # read once: the trials to log and the winner come from the same entries
@@ -276,8 +310,10 @@ def _promote(job: Job, top_k: int | None, stages: list[str], log: Log) -> dict[s
         outputs = {}
         for stage in stages:
             settings = job.promotion.settings[stage]
-            images = stage_images(stage, settings, job.data.source, job.data.path, net, job.data.workers)
-            outputs[stage] = run_stage(settings, net, cand.entry.hparams, images, root / cand.name / stage, log)
+            with _stops_as_interrupted(f"the promotion of {job.name} stopped in {cand.name} {stage} (finished "
+                                       f"shards are kept in {root / cand.name / stage})"):
+                images = stage_images(stage, settings, job.data.source, job.data.path, net, job.data.workers)
+                outputs[stage] = run_stage(settings, net, cand.entry.hparams, images, root / cand.name / stage, log)
             log(f"promotion: {cand.name} {stage}:\n{outputs[stage].brief}")
         (root / cand.name / "hparams.toml").write_text(cand.entry.hparams.to_toml())
         summary[cand.name] = {"trial": cand.key, "mean_ce": cand.entry.mean_ce, "stages": stages,
@@ -286,15 +322,32 @@ def _promote(job: Job, top_k: int | None, stages: list[str], log: Log) -> dict[s
     return summary
 
 
+@contextlib.contextmanager
+def _stops_as_interrupted(stopped: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside: :class:`Interrupted` saying ``stopped``; running the same command again
+    continues (every stage skips the shards that have a result file)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(stopped, rerun=True) from None
+
+
 def _track_promotion(job: Job, cand: Candidate, outputs: dict, log: Log) -> None:
     """One nested MLflow run per promoted configuration (a failure is a warning)."""
     from pctune.tracking.promotion import log_promotion
 
     try:
         uri = resolve_tracking_uri(job.tracking.tracking_uri or RunDir(job.run_dir).tracking_uri())
-        log_promotion(open_tracker(job, uri), cand.name, cand.key, cand.entry.params, list(outputs),
-                      [m for out in outputs.values() for m in out.metrics],
-                      [a for out in outputs.values() for a in out.artifacts])
+        identity = RunDir(job.run_dir).tracking_identity(uri, experiment_name(job))
+        tracker = SearchTracker(uri, identity["experiment"], identity["search_id"])
+        before = tracker.client.get_run(tracker.parent_id).info.status if tracker.parent_id else "FINISHED"
+        tracker.start(job.name, _parent_params(job, RunDir(job.run_dir)))
+        try:
+            log_promotion(tracker, cand.name, cand.key, cand.entry.params, list(outputs),
+                          [m for out in outputs.values() for m in out.metrics],
+                          [a for out in outputs.values() for a in out.artifacts])
+        finally:  # the search's parent run keeps the status it had (start() reopened it), not RUNNING
+            tracker.finish("FINISHED" if before == "RUNNING" else before)
     except Exception as exc:
         log(f"warning: MLflow logging of the promotion failed ({first_line(exc)[:200]}); results are in "
             f"{job.run_dir}")

@@ -3,6 +3,7 @@ reconstruct the representation below it after one feedforward pass (no recurrenc
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pctune.errors import PctuneError
+from pctune import interrupts
+from pctune.errors import Interrupted, PctuneError
 from pctune.models.weights import feedback_payload
 from pctune.pc.network import PredictiveNet
 from pctune.utils import atomic_torch_save
@@ -58,14 +60,28 @@ def train_feedback(
     if resume:
         history = _resume(net, optimizer, checkpoint, log)
     try:
-        for epoch in range(len(history) + 1, epochs + 1):
-            history.append(_epoch(net, optimizer, batches(), device, epoch, epochs, progress))
-            log(_summary(history[-1]))
-            if checkpoint is not None:
-                _save(net, optimizer, history, checkpoint)
+        with interrupts.deferred():  # a signal stops the loop at the next batch, never mid-checkpoint
+            for epoch in range(len(history) + 1, epochs + 1):
+                with _stops_as_interrupted(net, epoch, epochs, history, checkpoint):
+                    history.append(_epoch(net, optimizer, batches(), device, epoch, epochs, progress))
+                log(_summary(history[-1]))
+                if checkpoint is not None:
+                    _save(net, optimizer, history, checkpoint)
     finally:
         net.decoders.requires_grad_(False)
     return history
+
+
+@contextlib.contextmanager
+def _stops_as_interrupted(net: PredictiveNet, epoch: int, epochs: int, history: list, checkpoint: Path | None):
+    """Ctrl-C or SIGTERM during an epoch: :class:`Interrupted`, naming the checkpoint that ``--resume``
+    continues from (the epoch under way is lost, the finished ones are in it)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = (f"{checkpoint} holds epoch {len(history)}" if checkpoint is not None and checkpoint.is_file()
+                else "no epoch finished")
+        raise Interrupted(f"the training of {net.name} stopped in epoch {epoch} of {epochs}; {kept}") from None
 
 
 def _epoch(net, optimizer, batches, device, epoch: int, epochs: int, progress: bool) -> dict:
@@ -74,6 +90,7 @@ def _epoch(net, optimizer, batches, device, epoch: int, epochs: int, progress: b
     count = 0
     bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
     for batch in bar:
+        interrupts.check()  # a stop asked for under interrupts.deferred(): between two steps
         images = batch[0] if isinstance(batch, list | tuple) else batch
         images = images.to(device, non_blocking=True)
         losses = reconstruction_losses(net, images)

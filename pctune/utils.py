@@ -5,6 +5,7 @@ Depends on nothing else in pctune, so every layer may use it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -20,8 +21,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException as exc:  # a full disk, or a signal mid-write: no temporary file stays behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the file meant (ENOSPC names none)
+        raise
     return path
 
 
@@ -36,14 +44,13 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temporary sibling and a rename."""
+    import io
+
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()  # serialized first: a full disk is then a plain OSError of the write
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:

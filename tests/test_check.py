@@ -45,7 +45,7 @@ def test_check_passes_a_good_job_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--cpus-per-trial", "64"], "search.resources.cpu = 64 per trial but this machine has"),
+    (["--cpus-per-trial", "64"], "search.resources.cpu = 64 per trial but the Ray cluster has 2"),
     (["--num-images", "5000"], "data.num_images"),
     (["--feedback-weights", "/nonexistent/fb.pt"], "model.feedback_weights: /nonexistent/fb.pt: no such file"),
     (["--space", "/nonexistent/space.toml"], "search.space: no such file"),

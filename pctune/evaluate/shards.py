@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from pctune import localray
 from pctune.utils import atomic_write_json
 
 FAULT_ENV = "PCTUNE_FAULT_SHARD"  # testing hook: "<shard name>:<marker file>" kills the first worker on it
@@ -49,7 +50,7 @@ def _with_ray(work: Work, payload: Any, todo: Sequence[Named], shard_dir: Path, 
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+        localray.init(os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=3)(_remote)
     payload_ref = ray.put(payload)
     pending = {remote.remote(work, payload_ref, shard): shard for shard in todo}

@@ -23,7 +23,6 @@ from typing import Any
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
-from pctune import interrupts
 from pctune.errors import Interrupted, PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, StateSnapshots
@@ -34,6 +33,7 @@ from pctune.search.grid import GRID_STRATEGY, make_grid_searcher
 from pctune.search.identity import check_resume, evaluation_arrays, fingerprint, job_record
 from pctune.search.job import Job
 from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_paths, prepare
+from pctune.search.raycluster import check_resources, connect
 from pctune.search.rundir import COMBINATION, JOB, REFERENCES, RunDir, Trial, load_trials
 from pctune.search.samplers import make_sampler
 from pctune.search.schedulers import FidelityOptunaSearch, make_scheduler, report_points
@@ -53,53 +53,6 @@ class SearchInterrupted(Interrupted):
 
 
 # -- Ray ----------------------------------------------------------------------------------------
-def connect(address: str | None, log: Log = _print) -> None:
-    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray; reuse a Ray that
-    this process already initialized."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        log(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=False, runtime_env=_runtime_env())
-    else:
-        # address="local": never join some other Ray that happens to run on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    interrupts.after_ray_init()
-    resources = ray.cluster_resources()
-    log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
-
-
-def check_resources(job: Job, log: Log = _print) -> None:
-    """A trial that asks for more than the cluster has would wait forever: an error on a local Ray, a
-    warning on a cluster (which may scale up)."""
-    import ray
-
-    have = ray.cluster_resources()
-    local = not (job.run.address or os.environ.get("RAY_ADDRESS"))
-    for key, ray_key, flag in (("gpu", "GPU", "--gpus-per-trial"), ("cpu", "CPU", "--cpus-per-trial")):
-        want = job.search.resources[key]
-        if want > have.get(ray_key, 0):
-            message = (f"{job.source}: search.resources.{key} = {want:g} per trial but the Ray cluster has "
-                       f"{have.get(ray_key, 0):g} (set {flag})")
-            if local:
-                raise PctuneError(message)
-            log(f"warning: {message}")
-
-
-def _runtime_env() -> dict:
-    """Ship this pctune package to the cluster's workers (its dependencies must be installed there), so
-    the nodes run the driver's version of the code. ``PCTUNE_SHIP_CODE=0`` turns it off (pctune is
-    installed on every node)."""
-    if os.environ.get("PCTUNE_SHIP_CODE", "1") == "0":
-        return {}
-    import pctune
-
-    return {"py_modules": [str(Path(pctune.__file__).parent)]}
-
-
 def trial_setup(prep: Prepared, data_key: str | None = None) -> TrialPayload:
     """Put the model and the noisy images into the object store (once per search; ``data_key``: their
     digest, when already computed)."""
@@ -149,8 +102,9 @@ def _run_search(job: Job, log: Log, callbacks: list | None) -> dict[str, Any]:
     identity = fingerprint(prep, data_key)
     if job.resume and run_dir.has_search():  # the same job, or nothing in the run directory changes
         check_resume(run_dir, prep, identity)
+    check_resources(job, log)  # a local Ray's resources, before it starts
     connect(job.run.address, log)
-    check_resources(job, log)
+    check_resources(job, log)  # a cluster's, once connected
     check_ray_version(log)
     claim_run_dir(job, run_dir, log)  # only after the checks: a refused search leaves no folder
     setup = trial_setup(prep, data_key)

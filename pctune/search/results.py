@@ -118,7 +118,7 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
     frame = _leaderboard(entries, timesteps, front, goal)
     if frame.empty:
         raise PctuneError(f"{run_dir.path}: no finished trials yet")
-    frame.to_csv(run_dir.register(LEADERBOARD), index=False)
+    run_dir.write_text(LEADERBOARD, frame.to_csv(index=False))  # atomic: a full disk leaves the earlier one
     trials = int((frame["kind"] == "trial").sum())
     with pd.option_context("display.width", 200, "display.max_columns", 12, "display.float_format", "{:.4f}".format):
         shown = frame if top is None else frame.head(top)

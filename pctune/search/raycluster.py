@@ -1,0 +1,74 @@
+"""Ray for the search: join a cluster or start a local Ray (:mod:`pctune.localray`), and check that a
+trial's resources fit before the first trial waits for them forever."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pctune import localray
+from pctune.errors import PctuneError
+from pctune.search.job import Job
+from pctune.search.prepare import Log, _print
+
+
+def connect(address: str | None, log: Log = _print) -> None:
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray; reuse a Ray that
+    this process already initialized."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        log(f"connecting to the Ray cluster at {address}")
+        localray.init(address, log_to_driver=False, runtime_env=_runtime_env())
+    else:
+        # address="local": never join some other Ray that happens to run on this machine. Its processes
+        # run in a session of their own, so a SIGTERM to our process group stops the search, not Ray.
+        localray.init_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    resources = ray.cluster_resources()
+    log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+
+
+def check_resources(job: Job, log: Log = _print) -> None:
+    """A trial that asks for more than the cluster has would wait forever: an error on a local Ray, a
+    warning on a cluster (which may scale up). A local Ray's resources are this machine's, known before
+    Ray starts (so a refused search starts no Ray); a cluster's are asked of Ray, after connecting."""
+    import ray
+
+    local = not (job.run.address or os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized():
+        have = ray.cluster_resources()
+    elif local:
+        have = _local_resources()
+    else:
+        return
+    for key, ray_key, flag in (("gpu", "GPU", "--gpus-per-trial"), ("cpu", "CPU", "--cpus-per-trial")):
+        want = job.search.resources[key]
+        if want > have.get(ray_key, 0):
+            message = (f"{job.source}: search.resources.{key} = {want:g} per trial but the Ray cluster has "
+                       f"{have.get(ray_key, 0):g} (set {flag})")
+            if local:
+                raise PctuneError(message)
+            log(f"warning: {message}")
+
+
+def _local_resources() -> dict[str, float]:
+    """What a local Ray started by :func:`connect` has: every CPU, every visible GPU (as Ray counts them)."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def _runtime_env() -> dict:
+    """Ship this pctune package to the cluster's workers (its dependencies must be installed there), so
+    the nodes run the driver's version of the code. ``PCTUNE_SHIP_CODE=0`` turns it off (pctune is
+    installed on every node)."""
+    if os.environ.get("PCTUNE_SHIP_CODE", "1") == "0":
+        return {}
+    import pctune
+
+    return {"py_modules": [str(Path(pctune.__file__).parent)]}
+
+
