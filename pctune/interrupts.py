@@ -71,6 +71,12 @@ def check() -> None:
         raise KeyboardInterrupt
 
 
+def requested() -> bool:
+    """Whether a stop (SIGINT, SIGTERM) was asked for since :func:`enable` (Ray Tune's own handler may
+    have taken the signal itself, so the code asks here rather than waiting for a KeyboardInterrupt)."""
+    return _requested
+
+
 def exit_code() -> int:
     """143 after SIGTERM, 130 after SIGINT (128 + the signal's number)."""
     return 128 + (_received or signal.SIGINT)

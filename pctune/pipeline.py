@@ -292,7 +292,8 @@ def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None,
     if not stages:
         raise PctuneError(f"{job.source}: no promotion stages (set [promotion] stages or pass --stages)")
     RunDir(job.run_dir).require_search(job.name)
-    with run_lock(job.run_dir, f"pctune promote {job.name}", log):
+    stopped = f"the promotion of {job.name} stopped (finished shards are kept in {job.run_dir / PROMOTION})"
+    with run_lock(job.run_dir, f"pctune promote {job.name}", log), _stops_as_interrupted(stopped):
         return _promote(job, top_k, stages, log)
 
 

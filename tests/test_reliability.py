@@ -59,9 +59,10 @@ def test_a_storage_path_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_overwrite_replaces_only_a_marked_run_and_says_what_it_removed(tmp_path):
-    from pctune.search.driver import _claim_run_dir
+    from pctune.search.claim import claim_run_dir
     from pctune.search.job import load_job
-    from pctune.search.rundir import MARKER, RunDir
+    from pctune.search.manifest import MARKER
+    from pctune.search.rundir import RunDir
 
     job = load_job("demo", {"run.storage_path": str(tmp_path)})
     run_dir = RunDir(job.run_dir)
@@ -69,7 +70,7 @@ def test_overwrite_replaces_only_a_marked_run_and_says_what_it_removed(tmp_path)
     run_dir.write_json("job.json", {})  # registered in the manifest, as every writer of a run directory is
     run_dir.register("joint").mkdir()
     lines = []
-    _claim_run_dir(job, run_dir, lines.append)
+    claim_run_dir(job, run_dir, lines.append)
     assert "removed: job.json, joint" in lines[-1]
     assert (run_dir / MARKER).is_file() and not (run_dir / "joint").exists()
 

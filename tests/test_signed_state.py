@@ -200,23 +200,6 @@ def test_repair_leaves_only_signed_pickles_for_ray(interrupted, tmp_path):
             and not p.name.startswith(".")} == files
 
 
-@pytest.mark.slow
-def test_a_deliberate_change_of_the_state_is_signed_again(interrupted, tmp_path):
-    """Case 5: code that changes a stage's Tune state on purpose (e.g. a resume that extends the search
-    rewrites tuner.pkl) re-signs it with ``update_state``; the change then resumes, anything else not."""
-    from pctune.search.tune_state import repair, update_state, verified_state
-
-    exp_dir = _exp_dir(interrupted, tmp_path)
-    session, files = verified_state(exp_dir)
-    changed = files["tuner.pkl"] + b"  "  # (what a rewritten tuner.pkl would be; never unpickled here)
-    update_state(exp_dir, {"tuner.pkl": changed})
-    assert verified_state(exp_dir) == (session, {**files, "tuner.pkl": changed})
-    assert (exp_dir / "tuner.pkl").read_bytes() == changed
-    repair(exp_dir, print)  # accepted
-    with pytest.raises(ValueError, match="not Tune state files"):
-        update_state(exp_dir, {"../elsewhere.pkl": b"x"})
-
-
 def test_the_key_file_is_created_private_and_refused_when_others_can_read_it(tmp_path, monkeypatch):
     """Case 5: the key lives in the user's configuration directory (never the run directory), made
     0600 on first use; a key file others can read or write, or a short $PCTUNE_STATE_KEY, is refused."""

@@ -49,7 +49,9 @@ class EarlyStops(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         if METRIC in result and not is_final(result):
-            record_early_stop(self.exp_dir, trial.trial_id, int(result.get("num_images", 0)))
+            # where the experiment is now (a restored callback keeps the run's old place, as StateSnapshots)
+            exp_dir = Path(getattr(getattr(trial, "storage", None), "experiment_fs_path", self.exp_dir))
+            record_early_stop(exp_dir, trial.trial_id, int(result.get("num_images", 0)))
 
 
 class Progress(tune.Callback):

@@ -23,6 +23,7 @@ from typing import Any
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
+from pctune import interrupts
 from pctune.errors import Interrupted, PctuneError
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, StateSnapshots
@@ -45,7 +46,6 @@ from pctune.search.tune_state import check_ray_version, remember_tuner_state, re
 __all__ = ["MAX_FAILURES", "SearchInterrupted", "check_resources", "connect", "evaluate_points", "run_search"]
 
 
-_claim_run_dir = claim_run_dir  # its name before pctune.search.claim
 
 
 class SearchInterrupted(Interrupted):
@@ -106,6 +106,7 @@ def _run_search(job: Job, log: Log, callbacks: list | None) -> dict[str, Any]:
     connect(job.run.address, log)
     check_resources(job, log)  # a cluster's, once connected
     check_ray_version(log)
+    state_key()  # the key that signs the Tune state: an unusable one is an error before anything is written
     claim_run_dir(job, run_dir, log)  # only after the checks: a refused search leaves no folder
     setup = trial_setup(prep, data_key)
     run_dir.write_json(JOB, job_record(prep, identity))
@@ -122,7 +123,8 @@ def _run_search(job: Job, log: Log, callbacks: list | None) -> dict[str, Any]:
         else:
             _per_pcoder(prep, setup, run_dir, log, callbacks)
     except BaseException as exc:
-        run_dir.record_search_state("stopped", expected)
+        with contextlib.suppress(OSError):  # a full disk must not hide why the search stopped
+            run_dir.record_search_state("stopped", expected)
         if isinstance(exc, SearchInterrupted):
             with contextlib.suppress(PctuneError):
                 write_results(job, log=log)  # what finished so far
@@ -229,8 +231,9 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
     exp_dir = RunDir(job.run_dir).register(stage)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save state after every event: resume loses nothing
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # result.json only (no TensorBoard/CSV)
-    state_key()  # the key that signs the stage's state: an unusable one is an error before any trial
     before: list[Trial] = []
+    if interrupts.requested():  # stopped while an earlier stage ended: start no other
+        raise _stopped(job, stage, sum(1 for t in load_trials(exp_dir) if t.finished), num_samples)
     if exp_dir.exists():
         before = load_trials(exp_dir)
         setup = dataclasses.replace(setup, replay=_reported_results(before))
@@ -240,7 +243,8 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
             log(f"[{stage}] already finished")
             return
         log(f"[{stage}] restoring {exp_dir}")
-        tuner = restore_tuner(exp_dir, _trainable(job, setup), num_samples)  # a larger num_samples extends it
+        tuner = restore_tuner(exp_dir, _trainable(job, setup), num_samples,  # a larger num_samples extends it
+                              job.search.max_concurrent_trials)
     else:
         tuner = _tuner(prep, setup, stage, searcher(), num_samples, callbacks)
         remember_tuner_state(exp_dir)  # the tuner.pkl Ray just wrote: its snapshots carry and sign it
@@ -252,9 +256,13 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
     log(f"[{stage}] {done} trials in {time.perf_counter() - start:.1f}s"
         + (f", {grid.num_errors} errored" if grid.num_errors else "")
         + (f" ({missing} of {num_samples} not finished)" if missing > 0 else ""))
-    if not _stage_finished(after, num_samples) and grid.num_errors == 0:
-        raise SearchInterrupted(f"the search of {job.name} stopped after {done} of {num_samples} trials "
-                                f"({stage})", f"pctune search {_job_ref(job)} --resume")
+    if not _stage_finished(after, num_samples) and (grid.num_errors == 0 or interrupts.requested()):
+        raise _stopped(job, stage, done, num_samples)
+
+
+def _stopped(job: Job, stage: str, done: int, num_samples: int) -> SearchInterrupted:
+    return SearchInterrupted(f"the search of {job.name} stopped after {done} of {num_samples} trials ({stage})",
+                             f"pctune search {_job_ref(job)} --resume")
 
 
 def _job_ref(job: Job) -> str:

@@ -42,9 +42,20 @@ class ExtendingSearchGenerator(SearchGenerator):
         super().set_state(state)
 
 
-def restore_tuner(exp_dir: Path, trainable, num_samples: int) -> tune.Tuner:
+class _Limiter(ConcurrencyLimiter):
+    """Tune's ``ConcurrencyLimiter`` whose restored state keeps the limit it was made with (the job's
+    ``--max-concurrent`` now, not the one saved with the experiment)."""
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        limit = self.max_concurrent
+        super().set_state(state)
+        self.max_concurrent = limit
+
+
+def restore_tuner(exp_dir: Path, trainable, num_samples: int, max_concurrent: int | None = None) -> tune.Tuner:
     """``Tuner.restore`` of ``exp_dir`` (unfinished trials resumed, errored ones kept), running until
-    ``num_samples`` trials exist: more than the experiment was started with extends it."""
+    ``num_samples`` trials exist: more than the experiment was started with extends it; at most
+    ``max_concurrent`` at a time (None: the limit it was started with)."""
     tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
     internal = getattr(tuner, "_local_tuner", None)  # None under Ray Client: Tune's own count stands
     if internal is None:
@@ -53,7 +64,7 @@ def restore_tuner(exp_dir: Path, trainable, num_samples: int) -> tune.Tuner:
     searcher = config.search_alg
     if isinstance(searcher, Searcher):
         if config.max_concurrent_trials:  # as tune.run wraps it, so that the saved wrapper state fits
-            searcher = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent_trials)
+            searcher = _Limiter(searcher, max_concurrent=max_concurrent or config.max_concurrent_trials)
         config.search_alg = ExtendingSearchGenerator(searcher, num_samples)
         config.max_concurrent_trials = None
         config.num_samples = max(config.num_samples, num_samples)

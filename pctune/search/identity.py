@@ -153,6 +153,8 @@ def check_resume(run_dir: RunDir, prep: Prepared, identity: dict[str, Any]) -> N
     field that differs (old -> new), or a smaller ``--num-samples``; nothing is written."""
     try:
         record = run_dir.job_record()
+    except PctuneError:  # already says which file is damaged and what to do
+        raise
     except ValueError as exc:  # cut short or edited: what it held cannot be compared
         raise PctuneError(f"{run_dir / 'job.json'} is unreadable ({exc}): cannot check that --resume continues the "
                           "same job; pass --overwrite to start this job over") from exc

@@ -107,6 +107,15 @@ def summary_table(frame: pd.DataFrame, timesteps: int) -> pd.DataFrame:
     return pd.DataFrame([{"configuration": label, **{c: r[c] for c in cols}} for label, r in rows])
 
 
+def _another_writer(run_dir: RunDir) -> str | None:
+    """Who else holds the run directory's lock (a running search), if anyone: ``pctune results`` then
+    prints without writing, so that it never races the search's own writes and manifest."""
+    from pctune.search.runlock import describe, other_owner
+
+    owner = other_owner(run_dir.path)
+    return None if owner is None else describe(owner)
+
+
 def write_results(job: Job, log: Callable[[str], None] = print, top: int | None = 20) -> dict[str, Any]:
     """Print the leaderboard and the summary, write ``leaderboard.csv`` and ``best.toml``."""
     run_dir = RunDir(job.run_dir)
@@ -118,7 +127,9 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
     frame = _leaderboard(entries, timesteps, front, goal)
     if frame.empty:
         raise PctuneError(f"{run_dir.path}: no finished trials yet")
-    run_dir.write_text(LEADERBOARD, frame.to_csv(index=False))  # atomic: a full disk leaves the earlier one
+    busy = _another_writer(run_dir)
+    if busy is None:
+        run_dir.write_text(LEADERBOARD, frame.to_csv(index=False))  # atomic: a full disk leaves the earlier one
     trials = int((frame["kind"] == "trial").sum())
     with pd.option_context("display.width", 200, "display.max_columns", 12, "display.float_format", "{:.4f}".format):
         shown = frame if top is None else frame.head(top)
@@ -139,16 +150,18 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
         log("\nno configuration to recommend: every finished trial diverged, was stopped early or broke a "
             "constraint")
     else:
-        run_dir.write_text(BEST, best_toml(job, best, record["model"]))
+        if busy is None:
+            run_dir.write_text(BEST, best_toml(job, best, record["model"]))
         log("\nbest configuration:")
         for n, (b, lam, a) in enumerate(best.hparams.triples(), start=1):
             log(f"  pcoder{n}: beta={b:.4f} lambda={lam:.4f} alpha={a:.4g}")
-        log(f"written: {run_dir / LEADERBOARD}, {run_dir / BEST}")
+        log(f"written: {run_dir / LEADERBOARD}, {run_dir / BEST}" if busy is None else
+            f"not written (the run directory is in use by {busy}: it writes them when it ends)")
         out.update(best=best.score(goal[0]), best_toml=str(run_dir / BEST), best_hparams=best.hparams.to_mapping(),
                    best_key=best.key)
     refs = frame[frame["kind"] == "reference"].set_index("name")[goal[0]].to_dict()
     out["references"] = {k: float(v) for k, v in refs.items()}
-    if record.get("strategy") == GRID_STRATEGY:
+    if record.get("strategy") == GRID_STRATEGY and busy is None:
         from pctune.search.sweep import write_sweep
 
         out["sweep"] = [str(p) for p in write_sweep(run_dir, log)]

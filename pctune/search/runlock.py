@@ -5,12 +5,13 @@ file systems and on NFS v3/v4, EFS included; ``flock``/``fcntl`` locks are not r
 the owner's host, pid, command and start time as JSON; a daemon thread touches it every
 :data:`HEARTBEAT_S` seconds (its mtime is the heartbeat).
 
-Stale-lock rule: a lock is stale when its owner is on this host and its pid is gone (or is this
-process's own pid, which this process does not hold: a container that reused the pid), or when its
-owner is on another host and its heartbeat is older than :data:`STALE_S` seconds (hosts' clocks must
-agree to within that). A lock whose content cannot be read counts as the other-host case. A stale lock
-is taken over race-free: it is renamed to a unique name first (only one process can rename it), checked
-to be the very lock judged stale, then a new one is created with ``O_EXCL``; a log line says so.
+Stale-lock rule: a lock is stale when its owner is on this host (same host name, boot and pid
+namespace, so containers sharing a host name count as other hosts) and its pid is gone (or is this
+process's own pid, which this process does not hold), or when its owner is on another host and its
+heartbeat is older than :data:`STALE_S` seconds (hosts' clocks must agree to within that). A lock
+whose content cannot be read counts as the other-host case. A stale lock is taken over race-free: it
+is renamed to a unique name first (only one process can rename it), checked to be the very lock
+judged stale, then a new one is created with ``O_EXCL``; a log line says so.
 
 The lock is re-entrant within a process (a search that syncs and promotes at its end holds it
 throughout) and released when the outermost :func:`run_lock` block exits, on every path (a normal end,
@@ -131,8 +132,27 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _record(command: str, token: str) -> bytes:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": command,
-                       "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "token": token}).encode()
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "pid_space": _pid_space(),
+                       "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                       "token": token}).encode()
+
+
+def _pid_space() -> str:
+    """Where a pid means this process: the boot and the pid namespace (containers that share a host
+    name, or a host rebooted under the same name, have other pids); empty where /proc does not say."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _same_pid_space(owner: dict) -> bool:
+    """The owner's pid can be looked up from here: same host name, and the same boot and pid namespace
+    (a lock without that record, from an older pctune, is judged by the host name alone)."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    return owner.get("pid_space", _pid_space()) == _pid_space()
 
 
 def _create(path: Path, record: bytes) -> bool:
@@ -146,8 +166,11 @@ def _create(path: Path, record: bytes) -> bool:
     try:
         os.write(fd, record)
         os.fsync(fd)
-    finally:
+    except OSError as exc:  # a full disk: leave no empty lock that would read as a live unknown owner
         os.close(fd)
+        path.unlink(missing_ok=True)
+        raise PctuneError(f"cannot write the lock {path}: {exc.strerror or exc}") from exc
+    os.close(fd)
     return True
 
 
@@ -164,25 +187,32 @@ def _take(run_dir: Path, record: bytes, log: Log) -> None:
         if reason is None:
             raise _in_use(run_dir, owner)
         if _move_aside(path, owner):
-            log(f"taking over the stale lock of {run_dir} ({_describe(owner)}: {reason})")
+            log(f"taking over the stale lock of {run_dir} ({describe(owner)}: {reason})")
     raise PctuneError(f"{run_dir}: could not take the lock {path} (other processes keep taking it); try again")
 
 
 def _in_use(run_dir: Path, owner: dict) -> PctuneError:
-    return PctuneError(f"{run_dir} is in use by {_describe(owner)}: wait for it to finish (or stop it); "
+    return PctuneError(f"{run_dir} is in use by {describe(owner)}: wait for it to finish (or stop it); "
                        f"a lock whose owner is gone is taken over automatically, see {lock_path(run_dir)}")
 
 
 def check_free(run_dir: str | Path) -> None:
     """Without taking it: the PctuneError a second writer would get when another live process holds
     the lock of ``run_dir`` (for checks that run before a command, such as ``pctune check``)."""
+    owner = other_owner(run_dir)
+    if owner is not None:
+        raise _in_use(Path(run_dir).resolve(), owner)
+
+
+def other_owner(run_dir: str | Path) -> dict | None:
+    """The record of another live process holding the lock of ``run_dir`` (None: free, stale, or held by
+    this process); :func:`describe` says who it is."""
     run_dir = Path(run_dir).resolve()
     with _guard:
         if run_dir in _held:
-            return
+            return None
     owner = _settled_owner(lock_path(run_dir))
-    if owner is not None and stale_reason(owner, lock_path(run_dir)) is None:
-        raise _in_use(run_dir, owner)
+    return owner if owner is not None and stale_reason(owner, lock_path(run_dir)) is None else None
 
 
 def _settled_owner(path: Path) -> dict | None:
@@ -215,7 +245,7 @@ def _age(path: Path) -> float:
 
 def stale_reason(owner: dict, path: Path) -> str | None:
     """Why the lock of ``owner`` is stale (the rule in the module docstring), or None if it is live."""
-    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+    if _same_pid_space(owner):
         pid = owner["pid"]
         if pid == os.getpid():
             return "its pid is this process's, which does not hold it"
@@ -253,7 +283,7 @@ def _move_aside(path: Path, owner: dict) -> bool:
     return True
 
 
-def _describe(owner: dict) -> str:
+def describe(owner: dict) -> str:
     if not owner:
         return "an unknown process (its lock cannot be read)"
     return (f"`{owner.get('command', 'pctune')}` (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, "
@@ -266,7 +296,7 @@ def _heartbeat(held: Held, log: Log) -> None:
     while not held.stop.wait(HEARTBEAT_S):
         owner = read_owner(path)
         if owner is None or owner.get("token") != held.token:
-            taken = f"taken over by {_describe(owner)}" if owner is not None else "removed"
+            taken = f"taken over by {describe(owner)}" if owner is not None else "removed"
             log(f"warning: the lock {path} was {taken}; this process no longer owns the run directory")
             return
         with contextlib.suppress(OSError):

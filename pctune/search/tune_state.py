@@ -38,7 +38,7 @@ from pathlib import Path
 from pctune.errors import PctuneError
 from pctune.search.manifest import register
 from pctune.search.signing import key_id, key_source, sign, state_key, verify
-from pctune.utils import atomic_write_json
+from pctune.utils import atomic_write_bytes, atomic_write_json
 
 Log = Callable[[str], None]
 
@@ -211,27 +211,11 @@ def repair(exp_dir: Path, log: Log) -> None:
     damaged = bool(states) and not _parses(states[-1].read_bytes())
     for f in _pickled_files(exp_dir):
         f.unlink()
-    for name, data in files.items():
-        (exp_dir / name).write_bytes(data)
+    for name, data in files.items():  # atomically: a full disk leaves no file cut short to refuse later
+        atomic_write_bytes(exp_dir / name, data)
     remember_tuner_state(exp_dir, files[TUNER_FILE])
     if damaged:
         log(f"[{exp_dir.name}] {states[-1].name} was cut short by the killed driver; "
             "restored its last complete copy")
 
 
-def update_state(exp_dir: Path, changed: dict[str, bytes]) -> None:
-    """After changing a stage's Tune state files on purpose (e.g. a rewritten ``tuner.pkl`` or searcher
-    state): put ``changed`` into the verified snapshot, sign it again and write those files into
-    ``exp_dir``. Read what to change from :func:`verified_state`, never from the folder."""
-    exp_dir = Path(exp_dir)
-    saved = verified_state(exp_dir)
-    if saved is None:
-        raise PctuneError(f"{snapshot_path(exp_dir)}: no signed Tune state to update")
-    if not all(_state_name(name) for name in changed):
-        raise ValueError(f"not Tune state files: {sorted(changed)}")
-    session, files = saved
-    _write_snapshot(exp_dir, session, {**files, **changed})
-    for name, data in changed.items():
-        (exp_dir / name).write_bytes(data)
-    if TUNER_FILE in changed:
-        remember_tuner_state(exp_dir, changed[TUNER_FILE])
