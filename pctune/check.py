@@ -4,7 +4,7 @@ The checks are the search's own functions, called in the search's order, so that
 ``search`` cannot disagree: the job and its flags (loaded by the caller), the files it names, the run
 directory (storage path, an earlier search, its lock and, with ``--resume``, its identity), the model
 with its weights, the search space and starting points, the data with its labels (and masks), the
-tracking store and the resources a trial asks for. Nothing is written: not the run directory, not the
+key that signs the resume state, the tracking store and the resources a trial asks for. Nothing is written: not the run directory, not the
 storage path, not the tracking store (it is probed with a temporary file, as the search does).
 
 A cluster given by ``run.address`` / ``$RAY_ADDRESS`` is not joined (joining takes Ray's connection
@@ -27,6 +27,7 @@ from pctune.search.prepare import check_paths, prepare
 from pctune.search.raycluster import check_resources
 from pctune.search.rundir import RunDir
 from pctune.search.runlock import check_free
+from pctune.search.signing import state_key
 from pctune.tracking.store import check_reachable, resolve_tracking_uri
 from pctune.utils import first_line
 
@@ -38,6 +39,7 @@ def check(job: Job, log: Log = print) -> dict[str, Any]:
     Returns what was found (for the summary line and for tests)."""
     check_paths(job)
     run = check_run_directory(job)
+    state_key()  # the key that will sign the search's Tune state (pctune.search.signing)
     prep = prepare(job, log=lambda _message: None)
     if run == "resume":  # the same job, or the search would refuse
         check_resume(RunDir(job.run_dir), prep, fingerprint(prep, digest_arrays(evaluation_arrays(prep))))

@@ -130,11 +130,6 @@ class RunDir:
         (:mod:`pctune.search.manifest`)."""
         manifest.mark(self.path)
 
-    def is_pctune_run(self) -> bool:
-        """Marked by pctune, or (a run of an older pctune, before the marker) holding nothing but the
-        files and folders a search writes."""
-        return manifest.is_pctune_run(self.path)
-
     def register(self, name: str) -> Path:
         """Record in the manifest that pctune creates ``name`` (a top-level file or folder, or a path
         under one); every writer of the run directory goes through this. Returns its path."""
