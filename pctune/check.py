@@ -4,8 +4,9 @@ The checks are the search's own functions, called in the search's order, so that
 ``search`` cannot disagree: the job and its flags (loaded by the caller), the files it names, the run
 directory (storage path, an earlier search, its lock and, with ``--resume``, its identity), the model
 with its weights, the search space and starting points, the data with its labels (and masks), the
-key that signs the resume state, the tracking store and the resources a trial asks for. Nothing is written: not the run directory, not the
-storage path, not the tracking store (it is probed with a temporary file, as the search does).
+key that signs the resume state, the tracking store and the resources a trial asks for. Nothing is
+written: not the run directory, not the storage path, not the tracking store (it is probed with a
+temporary file, as the search does); only the signing key is created on first use, as a search would.
 
 A cluster given by ``run.address`` / ``$RAY_ADDRESS`` is not joined (joining takes Ray's connection
 time-out when the address is wrong): its resources are checked by the search when it connects.
