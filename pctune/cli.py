@@ -138,6 +138,9 @@ def _train_feedback(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     net = create_model(args.model, pretrained=args.pretrained, backbone_weights=args.backbone_weights,
                        feedback_weights=args.feedback_weights)
+    if net.input_size[0] != 3:  # an image folder is read as RGB
+        raise PctuneError(f"{args.model} takes {net.input_size[0]}-channel images, but train-feedback reads image "
+                          "folders as RGB (3 channels)")
     size = args.image_size or net.input_size[-1]
     out = Path(args.out or Path("runs") / "feedback" / net.name)
     _check_training_output(out)

@@ -327,3 +327,15 @@ def test_an_unknown_top_level_key_of_a_predify_config_is_refused(tmp_path, cli):
     one_line(cli("evaluate", "noise", "--model", config, "--hparams", "default", "--data", "digits", "--out",
                  tmp_path / "out", "--set", "timesteps=1", "--set", "num_images=4", "--set", "sigmas=[0.0]"),
              f"{config}: unknown key 'gradient_scalling' in a Predify configuration")
+
+
+def test_train_feedback_of_a_grey_model_on_an_rgb_folder_is_one_line(tmp_path, capsys):
+    """No traceback for any input: the demo model takes 1-channel digits, a folder is read as RGB (this
+    was a channel-mismatch traceback from inside the training loop)."""
+    from pctune.cli import main
+
+    data = image_folder(tmp_path / "train", classes=10, per_class=1)
+    assert main(["train-feedback", "demo", "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "demo takes 1-channel images" in err, err
+    assert not (tmp_path / "o").exists()
