@@ -24,12 +24,14 @@ _enabled = False
 _received: int | None = None
 _requested = False  # a stop was asked for (SIGINT or SIGTERM), since enable()
 _deferred = False
+_owner = 0  # the pid of the command that enabled the handlers (forked children inherit them)
 
 
 def enable() -> None:
     """Handle SIGTERM like SIGINT from now on (the ``pctune`` command calls this)."""
-    global _enabled, _received, _requested
+    global _enabled, _received, _requested, _owner
     _enabled, _received, _requested = True, None, False  # a new command (tests run several in one process)
+    _owner = os.getpid()
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigint)
 
@@ -42,6 +44,8 @@ def after_ray_init() -> None:
 
 def _on_sigterm(signum, frame) -> None:
     global _received, _requested
+    if os.getpid() != _owner:  # a forked child (a DataLoader worker): its parent stops it
+        return
     _received, _requested = signal.SIGTERM, True
     if not _deferred:
         os.kill(os.getpid(), signal.SIGINT)  # Ray Tune's own handler, or KeyboardInterrupt, takes it from here
@@ -49,6 +53,8 @@ def _on_sigterm(signum, frame) -> None:
 
 def _on_sigint(signum, frame) -> None:
     global _requested
+    if os.getpid() != _owner:  # a forked child: a KeyboardInterrupt in its fork hooks would print a traceback
+        return
     _requested = True
     if not _deferred:
         raise KeyboardInterrupt
