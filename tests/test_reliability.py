@@ -163,6 +163,12 @@ def test_sigterm_stops_the_search_like_ctrl_c(tmp_path):
     parent = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parent] == ["KILLED"]
     assert json.loads((run_dir / "tracking.json").read_text())["search_id"]
+    # issue 23 case 2: the run directory's lock is released on this path too (another writer needs no takeover)
+    assert not (run_dir / ".pctune-lock").exists()
+    from pctune.search.runlock import run_lock
+
+    with run_lock(run_dir, "pctune sync demo", log=pytest.fail):
+        pass
 
 
 @pytest.mark.parametrize("uri, message", [
