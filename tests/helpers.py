@@ -3,6 +3,10 @@ import each other)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +36,30 @@ def image_folder(root: Path, classes: int | list[str], per_class: int = 3, corru
     for i in range(corrupt):
         (root / names[0] / f"broken{i}.png").write_bytes(b"not a png at all")
     return root
+
+
+#: a small RGB model spec (the demo CNN's architecture with 3 input channels): train-feedback and folders
+TINY_RGB_SPEC = """name = "tiny-rgb"
+backbone = "pctune/demo_cnn"
+backbone_kwargs = { in_channels = 3, num_classes = 3 }
+input_size = [3, 32, 32]
+[[pcoders]]
+module = "features.1"
+[[pcoders]]
+module = "features.4"
+[[pcoders]]
+module = "features.7"
+"""
+
+
+def kill_after_trials(driver: subprocess.Popen, run_dir, trials: int, stage: str = "joint", timeout: float = 240) -> None:
+    """SIGKILL the process group of ``driver`` (started with ``start_new_session=True``) once ``trials``
+    trials of ``stage`` have finished in ``run_dir`` (a :class:`pctune.search.rundir.RunDir`)."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and sum(t.finished for t in run_dir.trials(stage)) < trials:
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()

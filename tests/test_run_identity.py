@@ -4,14 +4,12 @@ search that was killed says so and registers no champion unless asked."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, demo_job
+from helpers import ROOT, demo_job, kill_after_trials
 
 from pctune.cli import main
 from pctune.search.rundir import RunDir
@@ -97,14 +95,7 @@ def _killed_search(tmp_path: Path, uri: str) -> RunDir:
                                "--num-samples", "40", "--max-concurrent", "1", "--set", "data.num_images=200"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run = RunDir(storage / "demo")
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and sum(t.finished for t in run.trials("joint")) < 3:
-            assert driver.poll() is None, "the search ended before it could be killed"
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    kill_after_trials(driver, run, 3)
     return run
 
 

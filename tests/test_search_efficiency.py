@@ -3,13 +3,13 @@ Ray with real Optuna and MLflow (no mocks)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from helpers import kill_after_trials
 from mlflow import MlflowClient
 from test_search import cluster, workdir, write_job  # noqa: F401 (fixtures)
 
@@ -137,14 +137,7 @@ def test_resume_after_sigkill_under_asha_loses_no_finished_trial(cluster, workdi
     driver = subprocess.Popen([sys.executable, "-m", "pctune.cli", "search", str(path), "--address", cluster],
                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and sum(t.finished for t in run_dir.trials("joint")) < 3:
-            assert driver.poll() is None, "the driver ended before it could be killed"
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    kill_after_trials(driver, run_dir, 3)
     before = {t.trial_id: t for t in run_dir.trials("joint") if t.finished}
     assert 3 <= len(before) < 10
     # the worst moment to be killed: in the middle of Tune rewriting its state file (what that leaves)

@@ -13,21 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import demo_job, image_folder
+from helpers import TINY_RGB_SPEC, demo_job, image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_PROCESSES = ("gcs_server", "raylet")
-TINY_SPEC = """name = "tiny-rgb"
-backbone = "pctune/demo_cnn"
-backbone_kwargs = { in_channels = 3, num_classes = 3 }
-input_size = [3, 32, 32]
-[[pcoders]]
-module = "features.1"
-[[pcoders]]
-module = "features.4"
-[[pcoders]]
-module = "features.7"
-"""
 
 
 # -- running a command in a session of its own --------------------------------------------------------
@@ -223,7 +212,7 @@ def test_sigterm_to_the_process_group_stops_train_feedback_and_resume_continues(
     """Case 4: SIGTERM to train-feedback's group (its DataLoader workers get it too): exit 143, the last
     finished epoch's checkpoint kept, the resume command last; `--resume` continues from it."""
     spec = tmp_path / "tiny.toml"
-    spec.write_text(TINY_SPEC)
+    spec.write_text(TINY_RGB_SPEC)
     data = image_folder(tmp_path / "images", 3, per_class=20, size=40)
     out = tmp_path / "feedback"
     args = ["train-feedback", str(spec), "--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "4",

@@ -6,19 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_RGB_SPEC
 from PIL import Image
-
-TINY_SPEC = '''name = "tiny-rgb"
-backbone = "pctune/demo_cnn"
-backbone_kwargs = { in_channels = 3, num_classes = 3 }
-input_size = [3, 32, 32]
-[[pcoders]]
-module = "features.1"
-[[pcoders]]
-module = "features.4"
-[[pcoders]]
-module = "features.7"
-'''
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +36,7 @@ def _train(spec, data, out, epochs, *extra):
 @pytest.mark.slow
 def test_train_feedback_reduces_loss_and_resumes(tmp_path, image_folder):
     spec = tmp_path / "tiny.toml"
-    spec.write_text(TINY_SPEC)
+    spec.write_text(TINY_RGB_SPEC)
     out = tmp_path / "run"
     first = _train(spec, image_folder, out, 3)
     assert "epoch 3:" in first
