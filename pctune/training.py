@@ -4,6 +4,7 @@ reconstruct the representation below it after one feedforward pass (no recurrenc
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -78,7 +79,11 @@ def _stops_as_interrupted(net: PredictiveNet, epoch: int, epochs: int, history: 
     continues from (the epoch under way is lost, the finished ones are in it)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        # SIGTERM to the process group also reaches the DataLoader's workers, which torch lets die: the
+        # loader's "worker killed by signal" is then this stop, not a failure
+        if isinstance(exc, RuntimeError) and not interrupts.requested():
+            raise
         kept = (f"{checkpoint} holds epoch {len(history)}" if checkpoint is not None and checkpoint.is_file()
                 else "no epoch finished")
         raise Interrupted(f"the training of {net.name} stopped in epoch {epoch} of {epochs}; {kept}") from None
@@ -88,7 +93,10 @@ def _epoch(net, optimizer, batches, device, epoch: int, epochs: int, progress: b
     start = time.perf_counter()
     totals = torch.zeros(net.num_pcoders, dtype=torch.float64)
     count = 0
-    bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with _stops_blocked():  # the loader's worker processes start here and inherit the mask
+        batches = iter(batches)
+    bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
     for batch in bar:
         interrupts.check()  # a stop asked for under interrupts.deferred(): between two steps
         images = batch[0] if isinstance(batch, list | tuple) else batch
@@ -105,6 +113,20 @@ def _epoch(net, optimizer, batches, device, epoch: int, epochs: int, progress: b
     per_pcoder = (totals / count).tolist()
     return {"epoch": epoch, "loss": sum(per_pcoder), "pcoder_losses": per_pcoder, "images": count,
             "seconds": time.perf_counter() - start}
+
+
+@contextlib.contextmanager
+def _stops_blocked():
+    """SIGINT and SIGTERM held back while a DataLoader forks its workers: they inherit the blocked mask, so
+    a stop sent to the whole process group (Ctrl-C, ``timeout``, Kubernetes) reaches this process alone,
+    which stops its workers itself. (torch lets a worker die of SIGTERM, and the loader then fails with
+    "worker killed by signal" in the middle of starting the next one.) A held signal arrives on exit."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _summary(record: dict) -> str:
