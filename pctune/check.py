@@ -14,7 +14,6 @@ time-out when the address is wrong): its resources are checked by the search whe
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from pctune.search.claim import check_location, claim_plan
 from pctune.search.identity import check_resume, digest_arrays, evaluation_arrays, fingerprint
 from pctune.search.job import Job
 from pctune.search.prepare import check_paths, prepare
-from pctune.search.raycluster import check_resources
+from pctune.search.raycluster import check_resources, cluster_address, local_resources
 from pctune.search.rundir import RunDir
 from pctune.search.runlock import check_free
 from pctune.search.signing import state_key
@@ -93,14 +92,9 @@ def _check_writable(path: Path, field: str) -> None:
 def check_local_resources(job: Job) -> str:
     """A trial's CPUs and GPUs against this machine's, when the search would start a local Ray (the
     search's own check, :func:`pctune.search.raycluster.check_resources`, before Ray starts)."""
-    address = job.run.address or os.environ.get("RAY_ADDRESS")
+    check_resources(job, log=lambda _message: None)  # a cluster not joined yet: nothing to compare
+    address = cluster_address(job)
     if address:
         return f"cluster {address} (resources checked when the search joins it)"
-    check_resources(job, log=lambda _message: None)
-    return f"local Ray ({os.cpu_count() or 1} CPUs, {_local_gpus()} GPUs)"
-
-
-def _local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = local_resources()
+    return f"local Ray ({have['CPU']:g} CPUs, {have['GPU']:g} GPUs)"

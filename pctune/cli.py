@@ -170,8 +170,10 @@ def _check_training_arguments(args: argparse.Namespace) -> None:
             raise PctuneError(f"{flag} must be a positive number, got {value}{hint}")
     if args.workers < 0:
         raise PctuneError(f"--workers must be >= 0, got {args.workers}")
-    if not 0 <= args.seed < 2**32:
-        raise PctuneError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+    from pctune.schema import SEED_RANGE
+
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise PctuneError(f"--seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {args.seed}")
 
 
 def _check_training_output(out) -> None:
@@ -186,14 +188,10 @@ def _check_training_output(out) -> None:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from pctune.evaluate.settings import STAGE_SETTINGS
     from pctune.pipeline import promote
     from pctune.search.job import load_job
 
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    unknown = [s for s in stages or [] if s not in STAGE_SETTINGS]
-    if unknown:
-        raise PctuneError(f"--stages: unknown stage {unknown[0]!r} (known: {', '.join(STAGE_SETTINGS)})")
     if args.top_k is not None and args.top_k < 1:
         raise PctuneError(f"--top-k must be >= 1, got {args.top_k}")
 

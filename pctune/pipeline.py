@@ -291,6 +291,9 @@ def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None,
     stages = list(stages if stages is not None else job.promotion.stages)
     if not stages:
         raise PctuneError(f"{job.source}: no promotion stages (set [promotion] stages or pass --stages)")
+    unknown = [s for s in stages if s not in job.promotion.settings]
+    if unknown:
+        raise PctuneError(f"--stages: unknown stage {unknown[0]!r} (known: {', '.join(job.promotion.settings)})")
     RunDir(job.run_dir).require_search(job.name)
     stopped = f"the promotion of {job.name} stopped (finished shards are kept in {job.run_dir / PROMOTION})"
     with run_lock(job.run_dir, f"pctune promote {job.name}", log), _stops_as_interrupted(stopped):

@@ -37,11 +37,11 @@ def check_resources(job: Job, log: Log = _print) -> None:
     Ray starts (so a refused search starts no Ray); a cluster's are asked of Ray, after connecting."""
     import ray
 
-    local = not (job.run.address or os.environ.get("RAY_ADDRESS"))
+    local = cluster_address(job) is None
     if ray.is_initialized():
         have = ray.cluster_resources()
     elif local:
-        have = _local_resources()
+        have = local_resources()
     else:
         return
     for key, ray_key, flag in (("gpu", "GPU", "--gpus-per-trial"), ("cpu", "CPU", "--cpus-per-trial")):
@@ -54,7 +54,12 @@ def check_resources(job: Job, log: Log = _print) -> None:
             log(f"warning: {message}")
 
 
-def _local_resources() -> dict[str, float]:
+def cluster_address(job: Job) -> str | None:
+    """The Ray cluster the search joins (``run.address``, else ``$RAY_ADDRESS``); None: a local Ray."""
+    return job.run.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def local_resources() -> dict[str, float]:
     """What a local Ray started by :func:`connect` has: every CPU, every visible GPU (as Ray counts them)."""
     import torch
 
