@@ -15,7 +15,6 @@ time-out when the address is wrong): its resources are checked by the search whe
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,10 @@ from pctune.search.rundir import RunDir
 from pctune.search.runlock import check_free
 from pctune.search.signing import state_key
 from pctune.tracking.store import check_reachable, resolve_tracking_uri
-from pctune.utils import first_line
-
-Log = Callable[[str], None]
+from pctune.utils import Log, first_line, print_line
 
 
-def check(job: Job, log: Log = print) -> dict[str, Any]:
+def check(job: Job, log: Log = print_line) -> dict[str, Any]:
     """Run every check of a search of ``job`` up to its first trial; a problem is a :class:`PctuneError`.
     Returns what was found (for the summary line and for tests)."""
     check_paths(job)

@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train_feedback)
 
     from pctune.evaluate.settings import STAGE_SETTINGS
-    from pctune.search.cli import add_search_commands
+    from pctune.search.cli import add_search_commands, job_flags
 
     add_search_commands(commands)
 
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--top-k", type=int, default=None, help="configurations to promote (default: the job's)")
     promote.add_argument("--stages", default=None, help=f"comma-separated: {','.join(STAGE_SETTINGS)} "
                                                         "(default: the job's [promotion] stages)")
-    promote.add_argument("--storage-path", help="where runs are kept (default: the job's, ./pctune_runs)")
+    job_flags(promote)
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
     promote.set_defaults(handler=_promote)
 
@@ -189,18 +189,13 @@ def _check_training_output(out) -> None:
 
 def _promote(args: argparse.Namespace) -> int:
     from pctune.pipeline import promote
+    from pctune.search.cli import job_overrides
     from pctune.search.job import load_job
 
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     if args.top_k is not None and args.top_k < 1:
         raise PctuneError(f"--top-k must be >= 1, got {args.top_k}")
-
-    overrides = {}
-    if args.storage_path:
-        overrides["run.storage_path"] = args.storage_path
-    if args.tracking_uri:
-        overrides["tracking.tracking_uri"] = args.tracking_uri
-    job = load_job(args.job, overrides)
+    job = load_job(args.job, job_overrides(args))
     promote(job, args.top_k, stages)
     return 0
 

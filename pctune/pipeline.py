@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +24,13 @@ from pctune.search.rundir import PROMOTION, SWEEP_CSV, SWEEP_PNG, Entry, RunDir,
 from pctune.search.runlock import run_lock
 from pctune.tracking.runs import SearchTracker
 from pctune.tracking.store import check_reachable, resolve_tracking_uri, ui_command
-from pctune.utils import first_line
+from pctune.utils import Log, first_line, print_line
 
-Log = Callable[[str], None]
 #: the parent run's tag that says whether the search ran to its end ("true") or not ("false")
 COMPLETE_SEARCH_TAG = "pctune.search_complete"
 
 
-def search(job: Job, log: Log = print) -> dict[str, Any]:
+def search(job: Job, log: Log = print_line) -> dict[str, Any]:
     """``pctune search``: check the tracking store first, log trials as they finish, then sync the
     summary and the champion, then promote (if the job's ``[promotion]`` says so), holding the run
     directory's lock throughout."""
@@ -100,7 +99,7 @@ def _mark_killed(tracker: SearchTracker | None, log: Log, status: str = "KILLED"
         log(f"warning: could not mark the MLflow run as killed ({first_line(exc)[:200]})")
 
 
-def _tracking_warning(job: Job, log: Log) -> Callable[[str], None]:
+def _tracking_warning(job: Job, log: Log) -> Log:
     def warn(reason: str) -> None:
         log(f"warning: MLflow logging failed ({reason}); results stay in the Tune experiment: "
             f"run `pctune sync {job.name}` once the server is back")
@@ -116,7 +115,8 @@ def open_tracker(job: Job, uri: str) -> SearchTracker:
     """The tracker of ``job``'s search, its parent run started (or found again)."""
     run_dir = RunDir(job.run_dir)
     identity = run_dir.tracking_identity(uri, experiment_name(job))
-    tracker = SearchTracker(uri, identity["experiment"], identity["search_id"])
+    tracker = SearchTracker(uri, identity["experiment"], identity["search_id"],
+                            objective_metrics=run_dir.job(job).kinds.objective.reported())
     tracker.start(job.name, _parent_params(job, run_dir))
     return tracker
 
@@ -132,7 +132,7 @@ def _parent_params(job: Job, run_dir: RunDir) -> dict[str, Any]:
 
 
 # -- sync -------------------------------------------------------------------------------------------
-def sync(job: Job, uri: str | None = None, log: Log = print, register_incomplete: bool = False) -> dict[str, Any]:
+def sync(job: Job, uri: str | None = None, log: Log = print_line, register_incomplete: bool = False) -> dict[str, Any]:
     """``pctune sync``: upload what MLflow is missing of ``job``'s search: trials, the summary, the
     champion, holding the run directory's lock. A search that did not run to its end (killed, stopped)
     leaves its parent run KILLED and tagged ``pctune.search_complete = false``, and registers no champion
@@ -179,12 +179,13 @@ def _sync_into(job: Job, tracker: SearchTracker, run_dir: RunDir, log: Log, regi
     sweep = [run_dir / name for name in (SWEEP_CSV, SWEEP_PNG) if (run_dir / name).is_file()]
     if sweep:  # a single-pcoder grid sweep: its table and heatmaps (written by the search's results)
         tracker.log_summary({}, artifacts=sweep)
-    robust = job.objective.robust(job.source)
-    if robust is not None and len(robust.conditions) > 1:
-        _log_tradeoff(tracker, entries, robust, run_dir, best)
+    objective = run_dir.job(job).kinds.objective  # the job as the search ran it
+    axes = objective.tradeoff_axes()
+    if axes is not None:  # a robust objective of two or more conditions
+        _log_tradeoff(tracker, entries, objective, axes, run_dir, best)
     if best is None:
         log("MLflow: no champion registered: no configuration finished without diverging"
-            + (" and meeting every constraint" if robust and robust.constraints else ""))
+            + (" and meeting every constraint" if objective.constraint_keys() else ""))
     elif complete or register_incomplete:
         register(job, tracker, best, log)
     if not complete:
@@ -208,20 +209,19 @@ def _report_incomplete(job: Job, run_dir: RunDir, best: Entry | None, registered
         f"KILLED, tagged {COMPLETE_SEARCH_TAG}=false; {champion}; `pctune search {job.name} --resume` finishes it")
 
 
-def _log_tradeoff(tracker: SearchTracker, entries: list[Entry], robust, run_dir: RunDir, best: Entry | None) -> None:
+def _log_tradeoff(tracker: SearchTracker, entries: list[Entry], objective, axes: tuple[str, str], run_dir: RunDir,
+                  best: Entry | None) -> None:
     """The trade-off of a robust search on the parent run: mean CE under the first two objectives
-    (the Pareto ones, else the first two conditions), its front, the references."""
+    (the Pareto ones, else the first two conditions: ``axes``), its front, the references."""
     from pctune.tracking.tradeoff import log_tradeoff
 
-    names = robust.pareto[:2] if robust.pareto else [c.name for c in robust.conditions[:2]]
-    axes = (f"mean_ce_{names[0]}", f"mean_ce_{names[1]}")
     on_front = front_members(entries, axes)  # among the finished configurations meeting the constraints
     shown = [e for e in entries if e.full_fidelity and not e.diverged and axes[0] in e.metrics]
     points = pd.DataFrame([{"kind": e.kind, "name": e.name, "x": float(e.metrics[axes[0]]),
                             "y": float(e.metrics[axes[1]]), "feasible": e.feasible, "front": id(e) in on_front}
                            for e in shown])
-    champion = {"rule": robust.champion_rule()}
-    if best is not None and robust.constraints:
+    champion = {"rule": objective.rule()}
+    if best is not None and objective.constraint_keys():
         champion["feasible"] = str(best.feasible)
     log_tradeoff(tracker, points, axes, run_dir.register("summary"), champion)
 
@@ -251,10 +251,10 @@ def register(job: Job, tracker: SearchTracker, best: Entry, log: Log) -> None:
                                 pretrained=job.model.pretrained, backbone_weights=backbone,
                                 backbone=job.model.backbone)
     tracker.client.set_tag(tracker.parent_id, "pctune.champion_trial", best.key)
-    robust = job.objective.robust(job.source)
-    if robust is not None:  # which rule chose this version
-        tracker.client.set_model_version_tag(job.name, version, "pctune.champion_rule", robust.champion_rule())
-    metric = job.objective.goal()[0]
+    objective = RunDir(job.run_dir).job(job).kinds.objective  # the job as the search ran it
+    if objective.rule() is not None:  # which rule chose this version
+        tracker.client.set_model_version_tag(job.name, version, "pctune.champion_rule", objective.rule())
+    metric = objective.metric
     log(f"MLflow: registered model {job.name!r} version {version} as @champion ({best.kind} {best.key}, "
         f"{metric} {best.score(metric):.4f})")
 
@@ -269,10 +269,6 @@ class Candidate:
     key: str
     entry: Entry
 
-    @property
-    def trial(self) -> str:
-        return self.key
-
 
 def candidates(job: Job, top_k: int) -> list[Candidate]:
     """The ``top_k`` best configurations of the job's search, by the one ranking."""
@@ -284,7 +280,8 @@ def candidates(job: Job, top_k: int) -> list[Candidate]:
     return [Candidate(f"rank{i}", e.key, e) for i, e in enumerate(ranking, start=1)]
 
 
-def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None, log: Log = print) -> dict[str, Any]:
+def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None,
+            log: Log = print_line) -> dict[str, Any]:
     """``pctune promote``: the k best configurations through the job's promotion stages, each into
     ``<run dir>/promotion/<rankN>/<stage>/`` and one nested MLflow run per configuration (holding the
     run directory's lock)."""
@@ -320,8 +317,8 @@ def _promote(job: Job, top_k: int | None, stages: list[str], log: Log) -> dict[s
                 outputs[stage] = run_stage(settings, net, cand.entry.hparams, images, root / cand.name / stage, log)
             log(f"promotion: {cand.name} {stage}:\n{outputs[stage].brief}")
         (root / cand.name / "hparams.toml").write_text(cand.entry.hparams.to_toml())
-        summary[cand.name] = {"trial": cand.key, "mean_ce": cand.entry.mean_ce, "stages": stages,
-                              "dir": str(root / cand.name)}
+        summary[cand.name] = {"trial": cand.key, "mean_ce": cand.entry.mean_ce, "metric": metric,
+                              metric: cand.entry.score(metric), "stages": stages, "dir": str(root / cand.name)}
         _track_promotion(job, cand, outputs, log)
     return summary
 

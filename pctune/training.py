@@ -17,7 +17,7 @@ from pctune import interrupts
 from pctune.errors import Interrupted, PctuneError
 from pctune.models.weights import feedback_payload
 from pctune.pc.network import PredictiveNet
-from pctune.utils import atomic_torch_save
+from pctune.utils import Log, atomic_torch_save, print_line
 
 
 def reconstruction_losses(net: PredictiveNet, images: Tensor) -> Tensor:
@@ -44,7 +44,7 @@ def train_feedback(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Log = print_line,
 ) -> list[dict]:
     """Train ``net.decoders`` on the summed reconstruction loss for ``epochs`` epochs.
 

@@ -1,4 +1,5 @@
-"""Small helpers shared across pctune: atomic file writes, saving figures, batching, short error text.
+"""Small helpers shared across pctune: the log function type, atomic file writes, saving figures,
+batching, short error text.
 
 Depends on nothing else in pctune, so every layer may use it.
 """
@@ -8,11 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+#: what pctune reports progress through: one line of text per call (``log=`` parameters)
+Log = Callable[[str], None]
+
+
+def print_line(message: str) -> None:
+    """The default :data:`Log`: print ``message`` to stdout at once (flushed: lines show while a long
+    search runs, also through a pipe). A module-level function, so that the Ray Tune callbacks and
+    schedulers holding it can be pickled into the experiment state and restored on ``--resume``."""
+    print(message, flush=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

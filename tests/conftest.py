@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import demo_files
 
 import pctune
 
@@ -42,6 +43,23 @@ def tracking_uri_kept():
     yield
     if before is not None and os.environ.get("MLFLOW_TRACKING_URI") != before:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray for the module's searches (2 CPUs); its address."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder with the random-weight demo model files and the search space (``helpers.demo_files``),
+    where ``helpers.write_job`` writes jobs."""
+    return demo_files(tmp_path_factory.mktemp("search"))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Helpers shared by the test modules (import them with ``from helpers import ...``; test files do not
-import each other)."""
+import each other; the shared fixtures, such as ``cluster`` and ``workdir``, are in conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,93 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: the search space of the tests' searches on the demo model (three pcoders)
+SPACE = """
+num_pcoders = 3
+[default]
+beta = { low = 0.1, high = 0.9 }
+lambda = { low = 0.0, high = 0.5 }
+alpha = { low = 1e-3, high = 0.5, log = true }
+[pcoder2]
+beta = { low = 0.3, high = 0.85 }
+"""
+
+
+def demo_files(root: Path, model: str | Path = "demo", space: str = SPACE) -> Path:
+    """Random weights for ``model`` (``backbone.pt``, ``feedback.pt``: no training, searches only need a
+    network) and the search space ``space`` (``space.toml``) in ``root``; returns ``root``."""
+    import torch
+
+    import pctune
+    from pctune.models import save_feedback_weights
+
+    torch.manual_seed(0)
+    net = pctune.create_model(model)
+    torch.save(net.backbone.state_dict(), root / "backbone.pt")
+    save_feedback_weights(net, root / "feedback.pt")
+    (root / "space.toml").write_text(space)
+    return root
+
+
+def write_job(root: Path, name: str, *, space: str = "space.toml", num_samples: int = 5, concurrent: int = 1,
+              images: int = 48, points: str = '["default", { name = "mine", beta = 0.5, lambda = 0.2, alpha = 0.05 }]',
+              extra: str = "", sampler: str = "tpe", strategy: str = "joint", timesteps: int = 2,
+              search_extra: str = "", objective_extra: str = "") -> Path:
+    """A job ``root/<name>.toml`` searching the model of :func:`demo_files` in ``root`` on the digits."""
+    path = root / f"{name}.toml"
+    path.write_text(f"""
+[model]
+name = "demo"
+backbone_weights = "{root}/backbone.pt"
+feedback_weights = "{root}/feedback.pt"
+{extra}
+[data]
+source = "digits"
+num_images = {images}
+seed = 1
+[objective]
+sigma = 0.5
+timesteps = {timesteps}
+batch_size = 64
+{objective_extra}
+[search]
+space = "{space}"
+sampler = "{sampler}"
+num_samples = {num_samples}
+max_concurrent_trials = {concurrent}
+seed = 3
+strategy = "{strategy}"
+starting_points = {points}
+{search_extra}
+[run]
+storage_path = "{root}/runs"
+""")
+    return path
+
+
+def fake_run_dir(root: Path, trial_scores: list[float], combination: float | None, diverged: int = -1):
+    """A run directory (a :class:`pctune.search.rundir.RunDir`) as a per-pcoder search leaves it, with
+    the given scores; trial ``diverged`` diverged (-2: every trial)."""
+    from pctune import Hyperparameters
+    from pctune.search.rundir import RunDir
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "job.json").write_text(json.dumps({"model": "demo", "job": {"objective": {"timesteps": 2, "sigma": 0.5}}}))
+    hp = Hyperparameters([0.5, 0.5, 0.5], [0.1, 0.1, 0.0], [0.01, 0.01, 0.01])
+    for i, score in enumerate(trial_scores):
+        folder = root / "pcoder1" / f"run_trial_{i:08x}_{i}_pcoder1"
+        folder.mkdir(parents=True)
+        config = {**hp.to_params(), "pcoder1.beta": 0.1 + 0.1 * i}
+        (folder / "params.json").write_text(json.dumps(config))
+        metrics = {"mean_ce": score, "diverged": float(i == diverged or diverged == -2), "trial_id": f"t{i}"}
+        (folder / "result.json").write_text(json.dumps(metrics) + "\n")
+    (root / "references.json").write_text(json.dumps({"feedforward": {"config": hp.to_params(),
+                                                                      "metrics": {"mean_ce": 0.01}}}))
+    if combination is not None:
+        (root / "combination.json").write_text(json.dumps({"config": {**hp.to_params(), "pcoder2.beta": 0.7},
+                                                           "metrics": {"mean_ce": combination}}))
+    return RunDir(root)
 
 
 def demo_job(tmp_path: Path, name: str = "demo", extra: str = "") -> Path:

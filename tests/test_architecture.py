@@ -2,9 +2,13 @@
 
 * no import cycles between pctune's modules;
 * the layering: the engine (``pctune.pc``) and the tracking layer do not reach up into the search,
-  the promotion, the pipeline or the evaluations; the engine needs nothing of pctune but itself and
+  the pipeline (which holds the promotion) or the evaluations; the engine needs nothing of pctune but itself and
   ``pctune.errors`` (and neither Ray nor MLflow); the model zoo does not reach into the search,
-  evaluations, tracking or pipeline; only the command lines import ``pctune.cli``;
+  evaluations, tracking or pipeline; the measurement layer (``pctune.measure``, shared by the search's
+  objectives and the promotion stages) imports none of the search, evaluations, pipeline,
+  tracking or command line (nor Ray or MLflow); the search imports of ``pctune.evaluate`` only its
+  settings tables (``pctune.evaluate.settings``), never a stage runner; only the command lines import
+  ``pctune.cli``;
 * size limits: no module over 400 lines, no function or method over 80.
 
 An import edge goes from the importing module to the module the statement names: ``import a.b`` and
@@ -205,7 +209,11 @@ def _within(name: str, *packages: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in packages)
 
 
-UPPER_LAYERS = ("pctune.search", "pctune.promotion", "pctune.pipeline", "pctune.evaluate")
+UPPER_LAYERS = ("pctune.search", "pctune.pipeline", "pctune.evaluate")
+#: what the measurement layer sits below: it measures for the search and the stages and imports none of them
+ABOVE_MEASURE = (*UPPER_LAYERS, "pctune.tracking", "pctune.cli")
+#: the one module of pctune.evaluate the search may import: the stage settings tables, not a stage runner
+SEARCH_MAY_IMPORT_FROM_EVALUATE = "pctune.evaluate.settings"
 
 
 def layering_violations(imports: list[Import]) -> list[str]:
@@ -220,10 +228,16 @@ def layering_violations(imports: list[Import]) -> list[str]:
             if _within(src, "pctune.models") and _within(
                     dst, "pctune.search", "pctune.evaluate", "pctune.tracking", "pctune.pipeline"):
                 problems.append(f"{imp.where()}: models must not import search, evaluate, tracking or pipeline")
+            if _within(src, "pctune.measure") and _within(dst, *ABOVE_MEASURE):
+                problems.append(f"{imp.where()}: measure must not import {', '.join(ABOVE_MEASURE)}")
+            if (_within(src, "pctune.search") and _within(dst, "pctune.evaluate")
+                    and not _within(dst, SEARCH_MAY_IMPORT_FROM_EVALUATE)):
+                problems.append(f"{imp.where()}: the search may import of pctune.evaluate only "
+                                f"{SEARCH_MAY_IMPORT_FROM_EVALUATE} (measurements are in pctune.measure)")
             if _within(dst, "pctune.cli") and not _within(src, "pctune.cli", "pctune.search.cli"):
                 problems.append(f"{imp.where()}: only pctune.cli and pctune.search.cli may import pctune.cli")
-        elif _within(src, "pctune.pc") and _within(dst, "ray", "mlflow"):
-            problems.append(f"{imp.where()}: the engine must not depend on ray or mlflow")
+        elif _within(src, "pctune.pc", "pctune.measure") and _within(dst, "ray", "mlflow"):
+            problems.append(f"{imp.where()}: the engine and the measurement layer must not depend on ray or mlflow")
     return problems
 
 
@@ -275,7 +289,7 @@ def test_the_import_graph_is_read(package):
     """Guards the other tests against a reader that silently finds nothing."""
     modules, imports = package
     graph = import_graph(modules, imports)
-    assert {"pctune", "pctune.pc", "pctune.cli", "pctune.search", "pctune.models"} <= set(modules)
+    assert {"pctune", "pctune.pc", "pctune.cli", "pctune.search", "pctune.models", "pctune.measure"} <= set(modules)
     assert len(modules) >= 30
     assert sum(len(v) for v in graph.values()) >= 50
     assert "pctune.errors" in graph["pctune"]  # `from pctune.errors import PctuneError` in __init__
@@ -359,9 +373,26 @@ def test_layering_and_size_checks_flag_offenders(tmp_path):
         Import("pctune.search.driver", "pctune.cli", True, 9),
         Import("pctune.search.cli", "pctune.cli", True, 10),
         Import("pctune.search.driver", "ray", False, 11),
+        Import("pctune.measure.gradcam", "pctune.evaluate.explain", True, 12),
+        Import("pctune.measure.masks", "pctune.search.job", True, 13),
+        Import("pctune.measure.images", "pctune.tracking.store", True, 14),
+        Import("pctune.measure", "pctune.pipeline", True, 15),
+        Import("pctune.measure.corruptions", "pctune.cli", True, 16),
+        Import("pctune.measure.corruptions", "pctune.evaluate.stages", True, 17),
+        Import("pctune.measure.gradcam", "ray.util", False, 18),
+        Import("pctune.measure.gradcam", "pctune.pc.network", True, 19),
+        Import("pctune.measure.gradcam", "pctune.data.folders", True, 20),
+        Import("pctune.measure.gradcam", "captum.attr", False, 21),
+        Import("pctune.search.cam", "pctune.evaluate.explain", True, 22),
+        Import("pctune.search.prepare", "pctune.evaluate.stages", True, 23),
+        Import("pctune.search", "pctune.evaluate", True, 24),  # the package's __init__ is no settings table
+        Import("pctune.search.job", "pctune.evaluate.settings", True, 25),
+        Import("pctune.search.cam", "pctune.measure.gradcam", True, 26),
+        Import("pctune.evaluate.stages", "pctune.measure.masks", True, 27),
     ]
     problems = layering_violations(imports)
-    assert [int(p.split("(line ")[1].split(")")[0]) for p in problems] == [1, 2, 4, 5, 7, 9]
+    assert [int(p.split("(line ")[1].split(")")[0]) for p in problems] == [
+        1, 2, 4, 5, 7, 9, 12, 13, 14, 15, 16, 16, 17, 18, 22, 23, 24]
     body = "\n".join(f"        x{i} = {i}" for i in range(80))
     pkg = _write(tmp_path, {"pkg/__init__.py": "", "pkg/m.py": f"class C:\n    def big(self):\n{body}\n\n\n"
                                                                 "def small():\n    return 1\n"})

@@ -7,14 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
-from test_search import cluster  # noqa: F401 (fixture)
+from helpers import demo_files
 
-import pctune
 from pctune import Hyperparameters, PctuneError
 from pctune.evaluate.settings import parse_stage_settings
 from pctune.evaluate.stages import run_stage, stage_images
-from pctune.models import save_feedback_weights
 from pctune.search.driver import run_search
 from pctune.search.grid import GridSpec, make_grid_searcher, pcoder_grids
 from pctune.search.job import job_from_mapping, load_job
@@ -54,12 +51,7 @@ def model(tmp_path_factory):
     """Random weights for the two-pcoder demo CNN (no training: the search only needs a network)."""
     root = tmp_path_factory.mktemp("sweep")
     (root / "demo2.toml").write_text(SPEC)
-    torch.manual_seed(0)
-    net = pctune.create_model(root / "demo2.toml")
-    torch.save(net.backbone.state_dict(), root / "backbone.pt")
-    save_feedback_weights(net, root / "feedback.pt")
-    (root / "space.toml").write_text(SPACE)
-    return root
+    return demo_files(root, root / "demo2.toml", SPACE)
 
 
 def sweep_job(root: Path, name: str, *, objective: str = 'kind = "cam_iou"', search: str = "") -> Path:
@@ -92,7 +84,7 @@ storage_path = "{root}/runs"
 
 
 @pytest.fixture(scope="module")
-def sweep(cluster, model):  # noqa: F811 (fixture)
+def sweep(cluster, model):
     """One sweep, read by the tests below (one trial at a time keeps it short: the shipped demo's two at a
     time covered each of its 35 points exactly once too)."""
     job = load_job(sweep_job(model, "sweep"))

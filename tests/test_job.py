@@ -23,7 +23,6 @@ from pctune.evaluate.settings import (
 from pctune.schema import read_table
 from pctune.search.cli import job_overrides
 from pctune.search.job import (
-    PROMOTION_STAGES,
     REPO_ROOT,
     job_from_mapping,
     load_job,
@@ -74,6 +73,17 @@ def test_command_line_flags_override_the_job():
     assert job.search.resources["gpu"] == 0.5
     assert job.objective.sigma == 0.75
     assert job.search.sampler == "random"
+
+
+def test_promote_flags_override_the_job_as_search_flags_do(tmp_path):
+    args = _parser().parse_args(["promote", "demo", "--stages", "noise", "--top-k", "2", "--storage-path",
+                                 str(tmp_path), "--tracking-uri", "file:/tmp/ml", "--set", "promotion.noise.sigmas=[0.5]"])
+    overrides = job_overrides(args)
+    assert overrides == {"run.storage_path": str(tmp_path), "tracking.tracking_uri": "file:/tmp/ml",
+                         "promotion.noise.sigmas": [0.5]}
+    job = load_job("demo", overrides)
+    assert job.run_dir == tmp_path.resolve() / "demo" and job.tracking.tracking_uri == "file:/tmp/ml"
+    assert job.promotion.settings["noise"].sigmas == [0.5]
 
 
 def test_parse_assignment_reads_toml_values():
@@ -279,7 +289,7 @@ def test_parse_stage_settings_checks_types_and_ranges():
 
 
 def test_the_stage_table_drives_the_job_and_the_command_line():
-    assert PROMOTION_STAGES == tuple(STAGE_SETTINGS) == ("imagenet-c", "adversarial", "noise", "explain")
+    assert tuple(STAGE_SETTINGS) == ("imagenet-c", "adversarial", "noise", "explain")
     args = _parser().parse_args(["evaluate", "noise", "--model", "demo", "--hparams", "default", "--data", "digits",
                                  "--out", "x"])
     assert args.stage == "noise"

@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
+from helpers import demo_files, fake_run_dir
 
-import pctune
 from pctune import Hyperparameters
-from pctune.models import save_feedback_weights
 from pctune.search.job import load_job
 from pctune.search.rundir import RunDir
-from tests.test_search import SPACE
 
 
 def _write_job(root: Path, uri: str) -> Path:
-    torch.manual_seed(0)
-    net = pctune.create_model("demo")
-    torch.save(net.backbone.state_dict(), root / "backbone.pt")
-    save_feedback_weights(net, root / "feedback.pt")
-    (root / "space.toml").write_text(SPACE)
+    demo_files(root)
     path = root / "perpc.toml"
     path.write_text(f"""
 [model]
@@ -82,29 +75,8 @@ def test_best_toml_promoted_rank1_and_champion_are_the_same_configuration(tmp_pa
     assert (best.kind == "combination") == (combination <= min(e.mean_ce for e in RunDir(job.run_dir).ranking()))
 
 
-def _fake_run_dir(root: Path, trial_scores: list[float], combination: float | None, diverged: int = -1) -> RunDir:
-    """A run directory as a per-pcoder search leaves it, with the given scores; trial ``diverged``
-    diverged (-2: every trial)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "job.json").write_text(json.dumps({"model": "demo", "job": {"objective": {"timesteps": 2, "sigma": 0.5}}}))
-    hp = Hyperparameters([0.5, 0.5, 0.5], [0.1, 0.1, 0.0], [0.01, 0.01, 0.01])
-    for i, score in enumerate(trial_scores):
-        folder = root / "pcoder1" / f"run_trial_{i:08x}_{i}_pcoder1"
-        folder.mkdir(parents=True)
-        config = {**hp.to_params(), "pcoder1.beta": 0.1 + 0.1 * i}
-        (folder / "params.json").write_text(json.dumps(config))
-        metrics = {"mean_ce": score, "diverged": float(i == diverged or diverged == -2), "trial_id": f"t{i}"}
-        (folder / "result.json").write_text(json.dumps(metrics) + "\n")
-    (root / "references.json").write_text(json.dumps({"feedforward": {"config": hp.to_params(),
-                                                                      "metrics": {"mean_ce": 0.01}}}))
-    if combination is not None:
-        (root / "combination.json").write_text(json.dumps({"config": {**hp.to_params(), "pcoder2.beta": 0.7},
-                                                           "metrics": {"mean_ce": combination}}))
-    return RunDir(root)
-
-
 def test_the_ranking_puts_a_better_combination_first_and_never_a_reference_or_diverged_point(tmp_path):
-    run_dir = _fake_run_dir(tmp_path, [0.5, 0.2, 0.4], combination=0.1, diverged=1)
+    run_dir = fake_run_dir(tmp_path, [0.5, 0.2, 0.4], combination=0.1, diverged=1)
     ranking = run_dir.ranking()
     assert [e.key for e in ranking] == ["combination", "t2", "t0"]  # t1 diverged, the reference never ranks
     assert ranking[0].hparams.triples()[1][0] == pytest.approx(0.7)
@@ -114,7 +86,7 @@ def test_the_ranking_puts_a_better_combination_first_and_never_a_reference_or_di
 def test_write_results_writes_the_ranking_winner_to_best_toml(tmp_path):
     from pctune.search.results import leaderboard, write_results
 
-    run_dir = _fake_run_dir(tmp_path / "runs" / "fake", [0.5, 0.3], combination=0.2)
+    run_dir = fake_run_dir(tmp_path / "runs" / "fake", [0.5, 0.3], combination=0.2)
     job_path = tmp_path / "fake.toml"
     job_path.write_text(f'[model]\nname = "demo"\n[data]\nsource = "digits"\n[search]\nspace = "demo"\n'
                         f'[run]\nstorage_path = "{tmp_path}/runs"\n')
@@ -133,7 +105,7 @@ def test_write_results_writes_the_ranking_winner_to_best_toml(tmp_path):
 def test_every_trial_diverged_gives_no_best_and_no_error(tmp_path):
     from pctune.search.results import write_results
 
-    _fake_run_dir(tmp_path / "runs" / "fake", [10.0], combination=None, diverged=0)
+    fake_run_dir(tmp_path / "runs" / "fake", [10.0], combination=None, diverged=0)
     job_path = tmp_path / "fake.toml"
     job_path.write_text(f'[model]\nname = "demo"\n[data]\nsource = "digits"\n[search]\nspace = "demo"\n'
                         f'[run]\nstorage_path = "{tmp_path}/runs"\n')

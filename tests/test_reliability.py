@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import demo_job, image_folder
+from helpers import demo_job, fake_run_dir, image_folder
 
 from pctune.cli import main
 from pctune.errors import PctuneError
@@ -345,9 +345,7 @@ def test_sync_of_a_search_whose_every_trial_diverged_registers_nothing_and_succe
     """It warned "attempt to get argmin of an empty sequence" and `pctune sync` ended in a traceback."""
     from mlflow import MlflowClient
 
-    from tests.test_pipeline import _fake_run_dir
-
-    _fake_run_dir(tmp_path / "runs" / "fake", [30.0, 30.0, 30.0], combination=None, diverged=-2)
+    fake_run_dir(tmp_path / "runs" / "fake", [30.0, 30.0, 30.0], combination=None, diverged=-2)
     job = tmp_path / "fake.toml"
     job.write_text(f'[model]\nname = "demo"\n[data]\nsource = "digits"\n[search]\nspace = "demo"\n'
                    f'[run]\nstorage_path = "{tmp_path}/runs"\n')

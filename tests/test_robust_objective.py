@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_job
 from mlflow import MlflowClient
-from test_search import cluster, workdir, write_job  # noqa: F401 (fixtures)
 
 from pctune.cli import main
 from pctune.errors import PctuneError
@@ -71,7 +71,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("objective", "conditions", "message"), BAD)
-def test_bad_condition_and_constraint_specs_are_one_line_errors(workdir, objective, conditions, message):  # noqa: F811
+def test_bad_condition_and_constraint_specs_are_one_line_errors(workdir, objective, conditions, message):
     path = robust_job(workdir, "bad-robust", objective, conditions)
     with pytest.raises(PctuneError) as caught:
         load_job(path)
@@ -85,13 +85,13 @@ def test_bad_condition_and_constraint_specs_are_one_line_errors(workdir, objecti
     ('combine = "pareto"\npareto = ["noise", "clean"]', "", "gp", "search.sampler: combine = 'pareto' needs"),
     ("", 'scheduler = "hyperband"', "tpe", "search.scheduler: 'hyperband' works with a single condition"),
 ])
-def test_a_search_that_cannot_serve_the_objective_is_refused(workdir, objective, search, sampler, message):  # noqa: F811
+def test_a_search_that_cannot_serve_the_objective_is_refused(workdir, objective, search, sampler, message):
     with pytest.raises(PctuneError, match=message):
         load_job(robust_job(workdir, "bad-robust-search", objective, search=search, sampler=sampler))
 
 
 # -- scoring ---------------------------------------------------------------------------------------
-def test_each_condition_scores_as_it_would_alone_and_the_paper_condition_as_today(workdir):  # noqa: F811
+def test_each_condition_scores_as_it_would_alone_and_the_paper_condition_as_today(workdir):
     job = load_job(robust_job(workdir, "conditions", images=40))
     prep = prepare(job, log=lambda _m: None)
     robust = job.objective.robust()
@@ -169,7 +169,7 @@ tolerance = 0.0015
 
 
 @pytest.mark.slow
-def test_a_constrained_search_never_registers_an_infeasible_champion(cluster, workdir, tmp_path):  # noqa: F811
+def test_a_constrained_search_never_registers_an_infeasible_champion(cluster, workdir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = robust_job(workdir, "constrained", 'combine = "constraints"', CONDITIONS + CONSTRAINED, num_samples=8)
     assert main(["search", str(path), "--address", cluster, "--tracking-uri", uri]) == 0
@@ -208,7 +208,7 @@ def test_a_constrained_search_never_registers_an_infeasible_champion(cluster, wo
 
 
 @pytest.mark.slow
-def test_a_pareto_search_marks_exactly_the_non_dominated_trials(cluster, workdir, tmp_path):  # noqa: F811
+def test_a_pareto_search_marks_exactly_the_non_dominated_trials(cluster, workdir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = robust_job(workdir, "pareto", 'combine = "pareto"\npareto = ["noise", "clean"]', num_samples=8)
     assert main(["search", str(path), "--address", cluster, "--tracking-uri", uri]) == 0

@@ -5,88 +5,24 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import ray
 import torch
+from helpers import write_job
 
 import pctune
 from pctune import Hyperparameters
 from pctune.cli import main
-from pctune.models import save_feedback_weights
 from pctune.search.driver import run_search
 from pctune.search.job import load_job
 from pctune.search.results import leaderboard, load_trials
 from pctune.search.rundir import RunDir
+from pctune.search.samplers import SAMPLERS
 from pctune.search.space import hparams_from_config, load_space
-
-SPACE = """
-num_pcoders = 3
-[default]
-beta = { low = 0.1, high = 0.9 }
-lambda = { low = 0.0, high = 0.5 }
-alpha = { low = 1e-3, high = 0.5, log = true }
-[pcoder2]
-beta = { low = 0.3, high = 0.85 }
-"""
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
 def _tracking_in_tmp(tmp_path, monkeypatch):
     """`pctune search` also tracks to MLflow: keep its database out of the working directory."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """Random-weight demo model files and a search space (no training: searches only need a network)."""
-    root = tmp_path_factory.mktemp("search")
-    torch.manual_seed(0)
-    net = pctune.create_model("demo")
-    torch.save(net.backbone.state_dict(), root / "backbone.pt")
-    save_feedback_weights(net, root / "feedback.pt")
-    (root / "space.toml").write_text(SPACE)
-    return root
-
-
-def write_job(root: Path, name: str, *, space: str = "space.toml", num_samples: int = 5, concurrent: int = 1,
-              images: int = 48, points: str = '["default", { name = "mine", beta = 0.5, lambda = 0.2, alpha = 0.05 }]',
-              extra: str = "", sampler: str = "tpe", strategy: str = "joint", timesteps: int = 2,
-              search_extra: str = "", objective_extra: str = "") -> Path:
-    path = root / f"{name}.toml"
-    path.write_text(f"""
-[model]
-name = "demo"
-backbone_weights = "{root}/backbone.pt"
-feedback_weights = "{root}/feedback.pt"
-{extra}
-[data]
-source = "digits"
-num_images = {images}
-seed = 1
-[objective]
-sigma = 0.5
-timesteps = {timesteps}
-batch_size = 64
-{objective_extra}
-[search]
-space = "{space}"
-sampler = "{sampler}"
-num_samples = {num_samples}
-max_concurrent_trials = {concurrent}
-seed = 3
-strategy = "{strategy}"
-starting_points = {points}
-{search_extra}
-[run]
-storage_path = "{root}/runs"
-""")
-    return path
 
 
 def _configs(job) -> list[dict]:
@@ -276,36 +212,15 @@ def test_noise_is_drawn_once_from_the_seed():
     assert a.std().item() == pytest.approx(0.5, rel=0.2)
 
 
-def test_every_sampler_name_makes_its_optuna_sampler():
-    import importlib.util
-
-    import optuna
-
-    from pctune.search.samplers import make_sampler
-
-    assert isinstance(make_sampler("tpe", 0, 1), optuna.samplers.TPESampler)
-    assert isinstance(make_sampler("gp", 0, 1), optuna.samplers.GPSampler)
-    assert isinstance(make_sampler("random", 0, 1), optuna.samplers.RandomSampler)
-    if importlib.util.find_spec("cmaes") is None:
-        with pytest.raises(pctune.PctuneError, match="search.sampler = 'cmaes' needs the cmaes package"):
-            make_sampler("cmaes", 0, 1, "j.toml")
-    else:
-        assert isinstance(make_sampler("cmaes", 0, 1), optuna.samplers.CmaEsSampler)
-    with pytest.raises(pctune.PctuneError, match="j.toml: search.sampler: unknown sampler 'bayes'"):
-        make_sampler("bayes", 0, 1, "j.toml")
-
-
-# Every sampler, through the searcher a search uses (Ray Tune's OptunaSearch over pctune's space), fed
-# a deterministic score. Model-based samplers draw their first trials at random (TPE and GP: 10), so the
-# runs go past that and their model-based suggestions are compared too.
-@pytest.mark.parametrize(("sampler", "trials"), [("tpe", 14), ("cmaes", 14), ("gp", 12), ("random", 6)])
-def test_samplers_are_selectable_and_seeded(workdir, sampler, trials):
-    import importlib.util
-
+# Every sampler of the table, through the searcher a search uses (Ray Tune's OptunaSearch over pctune's
+# space), fed a deterministic score. Model-based samplers draw their first trials at random (TPE and GP:
+# 10), so the runs go past that and their model-based suggestions are compared too (NSGA-II's first
+# generation, 50, is random: its 12 are seeded draws).
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_samplers_are_selectable_and_seeded(workdir, sampler):
     from pctune.search.driver import make_searcher
 
-    if sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
-        pytest.skip("cmaes is not installed")
+    trials = 12
     space = load_space(workdir / "space.toml", 3)
 
     def suggestions(seed, count):

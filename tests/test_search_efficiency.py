@@ -9,9 +9,8 @@ import time
 
 import pytest
 import torch
-from helpers import kill_after_trials
+from helpers import kill_after_trials, write_job
 from mlflow import MlflowClient
-from test_search import cluster, workdir, write_job  # noqa: F401 (fixtures)
 
 from pctune.cli import main
 from pctune.errors import PctuneError
@@ -37,13 +36,13 @@ def test_report_points_are_the_rungs_then_every_image():
     ("grace_images = 0", "search.grace_images: must be >= 1"),
     ("cache_gb = -1", "search.cache_gb: must be >= 0"),
 ])
-def test_bad_scheduler_settings_are_named(workdir, line, message):  # noqa: F811
+def test_bad_scheduler_settings_are_named(workdir, line, message):
     with pytest.raises(PctuneError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_job(write_job(workdir, "bad-scheduler", search_extra=line))
 
 
 @pytest.fixture(scope="module")
-def asha_run(cluster, workdir, tmp_path_factory):  # noqa: F811
+def asha_run(cluster, workdir, tmp_path_factory):
     """One tracked ASHA search: 16 trials on 200 images, rungs at 12, 36 and 108 images."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('asha-mlflow')}/mlflow.db"
     path = write_job(workdir, "asha", num_samples=16, concurrent=2, images=200, points='["default"]',
@@ -128,8 +127,26 @@ def test_asha_rebuilds_its_rungs_from_the_finished_trials(asha_run):
         assert sizes[milestone] == sum(1 for t in trials if any(images >= milestone for images, _ in t.curve))
 
 
+def test_the_scheduler_and_the_progress_lines_log_where_told_and_pickle_with_their_default(tmp_path):
+    """Tune pickles its callbacks and scheduler into tuner.pkl and restores them on --resume."""
+    import pickle
+    from types import SimpleNamespace
+
+    from pctune.search.callbacks import Progress
+    from pctune.utils import print_line
+
+    lines = []
+    Progress("joint", 2, log=lines.append).on_trial_error(0, [], SimpleNamespace(trial_id="t1", local_path="/x"))
+    assert lines == ["[joint] trial t1 failed (see /x)"]
+    for made in (Progress("joint", 2), FidelityASHA(tmp_path / "joint", 200, 12, 3)):
+        restored = pickle.loads(pickle.dumps(made))
+        assert restored.log is print_line
+        del restored.log  # as restored from a state pickled before they had a log
+        assert restored.log is print_line
+
+
 @pytest.mark.slow
-def test_resume_after_sigkill_under_asha_loses_no_finished_trial(cluster, workdir, capsys):  # noqa: F811
+def test_resume_after_sigkill_under_asha_loses_no_finished_trial(cluster, workdir, capsys):
     path = write_job(workdir, "asha-resume", num_samples=10, images=300, timesteps=4, points='["default"]',
                      search_extra=ASHA)
     job = load_job(path)
@@ -207,7 +224,7 @@ def test_a_search_reuses_timestep_zero_across_trials(asha_run):
 
 
 @pytest.mark.slow
-def test_hyperband_search_finishes_and_only_full_fidelity_wins(cluster, workdir):  # noqa: F811
+def test_hyperband_search_finishes_and_only_full_fidelity_wins(cluster, workdir):
     """(With the multi-fidelity TPE: its view of the study takes over once 10 trials reached a rung, and
     HyperBand pauses and resumes trials under it.)"""
     path = write_job(workdir, "hyperband", num_samples=12, concurrent=2, images=120, points='["default"]',
@@ -222,3 +239,34 @@ def test_hyperband_search_finishes_and_only_full_fidelity_wins(cluster, workdir)
     assert best is not None and best.full_fidelity and best.metrics["num_images"] == 120
     recorded = json.loads((job.run_dir / "job.json").read_text())["job"]["search"]
     assert (recorded["scheduler"], recorded["sampler"]) == ("hyperband", "tpe-mf")
+
+
+def test_a_result_file_cut_short_by_a_killed_driver_is_read_from_pctunes_own_record(tmp_path):
+    """Tune rewrites a trial's result.json in the run directory in the background (a copy of its staging
+    folder); a driver killed during the copy leaves it cut short, or the folder not there at all. The
+    stage's record (appended before Tune moves on) then gives the trial's results and config."""
+    import json
+
+    from pctune.search.trials import append_result, load_trials
+
+    exp = tmp_path / "joint"
+    config = {"pcoder1.beta": 0.5, "pcoder1.lambda": 0.2, "pcoder1.alpha": 0.01}
+    rung = {"trial_id": "a", "mean_ce": 1.0, "num_images": 12, "final": 0.0, "training_iteration": 1}
+    last = {"trial_id": "a", "mean_ce": 0.8, "num_images": 300, "final": 1.0, "training_iteration": 2}
+    folder = exp / "run_trial_a_1_x"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(config))
+    (folder / "result.json").write_text(json.dumps(rung) + "\n" + json.dumps(last)[:20])  # cut short mid-line
+    for result in (rung, last):
+        append_result(exp, folder.name, {**result, "config": config})
+    # a trial run twice from the start (a resumed search), and one whose folder never reached the run directory
+    other = {"trial_id": "b", "mean_ce": 0.9, "num_images": 300, "final": 1.0, "training_iteration": 1}
+    append_result(exp, "run_trial_b_2_x", {**other, "mean_ce": 5.0, "final": 0.0, "config": config})
+    append_result(exp, "run_trial_b_2_x", {**other, "config": config})
+    trials = {t.trial_id: t for t in load_trials(exp)}
+    assert trials["a"].finished and trials["a"].metrics["mean_ce"] == 0.8 and trials["a"].config == config
+    assert trials["a"].curve == ((12, 1.0), (300, 0.8))
+    assert trials["b"].finished and trials["b"].curve == ((300, 0.9),)
+    # a complete result.json is read as before (the record is the fallback, not a second source)
+    (folder / "result.json").write_text(json.dumps(rung) + "\n" + json.dumps({**last, "mean_ce": 0.7}) + "\n")
+    assert {t.trial_id: t for t in load_trials(exp)}["a"].metrics["mean_ce"] == 0.7

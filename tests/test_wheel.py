@@ -1,5 +1,5 @@
-"""The wheel: it ships the jobs and search spaces, and ``pctune search demo`` runs from an installed wheel
-in an empty directory (no checkout, no ./jobs)."""
+"""The wheel: it ships the jobs and search spaces (and its other data files), and ``pctune search demo``
+runs from an installed wheel in an empty directory (no checkout, no ./jobs)."""
 
 import os
 import shutil
@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["pctune/jobs/demo.toml", "pctune/jobs/peffnetb0.toml", "pctune/jobs/pvgg16.toml",
            "pctune/search_spaces/demo.toml", "pctune/search_spaces/peffnetb0.toml",
-           "pctune/search_spaces/pvgg16.toml"]
+           "pctune/search_spaces/pvgg16.toml", "pctune/measure/alexnet_errors.toml"]
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -60,6 +60,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def test_the_wheel_ships_the_jobs_and_search_spaces():
     text = (ROOT / "pyproject.toml").read_text()
     assert '"pctune" = ["jobs/*.toml", "search_spaces/*.toml"]' in text
+    assert '"pctune.measure" = ["*.toml"]' in text  # ImageNet-C's corruptions and AlexNet's errors
     assert all((ROOT / name).is_file() for name in SHIPPED)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 
 from pctune.errors import PctuneError
 from pctune.pc.network import PredictiveNet
-from pctune.utils import atomic_torch_save, atomic_write_json
+from pctune.utils import Log, atomic_torch_save, atomic_write_json, print_line
 
 CACHE_VERSION = "demo-v2"
 IMAGE_SIZE = 16
@@ -57,7 +56,7 @@ def digits_normalization() -> tuple[float, float]:
     return train.mean().item(), train.std().item()
 
 
-def ensure_demo_model(cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
+def ensure_demo_model(cache_dir: str | Path | None = None, log: Log = print_line,
                       seed: int = 0) -> dict[str, Path]:
     """Train the demo CNN and its decoders unless cached; returns the paths of the backbone state
     dict, the feedback checkpoint and the metadata."""
@@ -79,7 +78,7 @@ def ensure_demo_model(cache_dir: str | Path | None = None, log: Callable[[str], 
     return paths
 
 
-def load_demo_model(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> PredictiveNet:
+def load_demo_model(cache_dir: str | Path | None = None, log: Log = print_line) -> PredictiveNet:
     """The trained demo network (training it first if not cached)."""
     from pctune.models.registry import create_model
 
@@ -87,7 +86,7 @@ def load_demo_model(cache_dir: str | Path | None = None, log: Callable[[str], No
     return create_model("demo", backbone_weights=paths["backbone"], feedback_weights=paths["feedback"])
 
 
-def _train(seed: int, log: Callable[[str], None]) -> tuple[PredictiveNet, dict]:
+def _train(seed: int, log: Log) -> tuple[PredictiveNet, dict]:
     from pctune.models.registry import create_model
     from pctune.training import train_feedback
 

@@ -19,7 +19,7 @@ missing shards.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -33,10 +33,10 @@ from torch import Tensor
 from pctune.errors import PctuneError
 from pctune.evaluate.settings import ATTACKS, GRADIENT_MODES, AttackSpec, default_attacks  # noqa: F401 (re-exported)
 from pctune.evaluate.shards import run_shards
-from pctune.evaluate.unrolled import Unrolled
+from pctune.measure.unrolled import Unrolled
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
-from pctune.utils import pyplot, save_figure
+from pctune.utils import Log, print_line, pyplot, save_figure
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _device(net: PredictiveNet) -> torch.device:
 
 # -- running all shards -----------------------------------------------------------------------------
 def run_all(setup: AttackPayload, out_dir: Path, chunk: int = 50, use_ray: bool = True, num_gpus: float = 0.0,
-            log: Callable[[str], None] = print, seed: int = 0) -> list[dict]:
+            log: Log = print_line, seed: int = 0) -> list[dict]:
     """Run every shard not yet in ``out_dir/shards`` (on Ray, or in this process) and return all results."""
     shards = plan_shards(setup.attacks, len(setup.labels), setup.timesteps, chunk)
     return run_shards(partial(run_shard, seed=seed), setup, shards, out_dir, use_ray=use_ray,

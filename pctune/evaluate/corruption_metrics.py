@@ -1,36 +1,23 @@
 """ImageNet-C metrics (``shared/spec/evaluation.md``, "ImageNet-C"): from per-image correctness at
 every timestep, the top-1 errors, CE and relative CE (AlexNet-normalized), mCE and relative mCE over
 the 15 standard corruptions, the 4 extra ones apart, and paired bootstrap intervals; and their plots.
+The corruptions and AlexNet's reference errors are :mod:`pctune.measure.corruptions`'.
 """
 
 from __future__ import annotations
 
 import math
-import tomllib
-from functools import cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pctune.measure.corruptions import (  # noqa: F401 (re-exported: moved to pctune.measure.corruptions)
+    alexnet,
+    extra_corruptions,
+    standard_corruptions,
+)
 from pctune.utils import pyplot, save_figure
-
-
-@cache
-def alexnet() -> dict[str, Any]:
-    """The AlexNet reference errors (data file with its source)."""
-    with (Path(__file__).parent / "alexnet_errors.toml").open("rb") as fh:
-        return tomllib.load(fh)
-
-
-def standard_corruptions() -> list[str]:
-    return list(alexnet()["standard"])
-
-
-def extra_corruptions() -> list[str]:
-    return list(alexnet()["extra"])
-
 
 
 # -- metrics --------------------------------------------------------------------------------------

@@ -1,11 +1,9 @@
-"""Grad-CAM over timesteps (Choksi et al., ESANN 2025): does the evidence move toward the object?
+"""The ``explain`` stage: Grad-CAM over timesteps (Choksi et al., ESANN 2025) on many images and noise
+levels: does the evidence move toward the object?
 
-For every image, noise level and timestep t = 0..T, Captum's ``LayerGradCam`` explains the network
-unrolled to t (:class:`pctune.evaluate.unrolled.Unrolled`, the model the adversarial stage attacks)
-for the ground-truth class at the model's ``cam_layer``: a hook on the network's tap
-(:attr:`pctune.pc.network.PredictiveNet.cam_tap`) sees that pcoder's representation at t, the one the
-logits of t are computed from. The map is thresholded and compared with the object mask by IoU
-(:mod:`pctune.evaluate.masks`). Gaussian noise is added in normalized space, as in the noise stage,
+For every image, noise level and timestep t = 0..T, the IoU of the thresholded Grad-CAM map of the
+network unrolled to t against the object mask, by the rule of :mod:`pctune.measure.gradcam` (shared with
+the ``cam_iou`` search objective). Gaussian noise is added in normalized space, as in the noise stage,
 one seeded draw per image shared by every sigma and timestep.
 
 Work is split into shards (sigma x chunk of images) that run as Ray tasks and are checkpointed one
@@ -15,7 +13,7 @@ file each (:mod:`pctune.evaluate.shards`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,29 +23,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from pctune.evaluate.masks import cam_regions, iou
 from pctune.evaluate.shards import run_shards
-from pctune.evaluate.unrolled import Unrolled
-from pctune.pc.hyperparameters import Hyperparameters
-from pctune.pc.network import PredictiveNet
-
-
-@dataclass
-class ExplainPayload:
-    """Everything a shard needs (sent once through the Ray object store)."""
-
-    net: PredictiveNet
-    hparams: Hyperparameters
-    pixels: Tensor  # [N, C, H, W] in [0, 1]
-    labels: Tensor
-    objects: Tensor  # [N, H, W] bool
-    valid: Tensor  # [N, H, W] bool: not "ignore"
-    mean: Sequence[float]
-    std: Sequence[float]
-    timesteps: int
-    cam_threshold: float = 0.5
-    grad_mode: str = "exact"
-    seed: int = 0
+from pctune.measure.gradcam import (  # noqa: F401 (re-exported: moved to pctune.measure.gradcam)
+    ExplainPayload,
+    layer_cams,
+    timestep_ious,
+)
+from pctune.utils import Log, print_line
 
 
 @dataclass(frozen=True)
@@ -78,26 +60,6 @@ def noisy(payload: ExplainPayload, start: int, stop: int, sigma: float) -> Tenso
     return x + sigma * std * z
 
 
-def layer_cams(payload: ExplainPayload, x: Tensor, labels: Tensor, timestep: int) -> Tensor:
-    """Grad-CAM ``[N, 1, h, w]`` (ReLU applied) of the network unrolled to ``timestep`` at its cam layer."""
-    from captum.attr import LayerGradCam
-
-    net = payload.net
-    model = Unrolled(net, payload.hparams, timestep, payload.mean, payload.std, payload.grad_mode).eval()
-    device = next(net.parameters()).device
-    cams = LayerGradCam(model.to(device), net.cam_tap).attribute(x.to(device), target=labels.to(device),
-                                                                 relu_attributions=True)
-    return cams.detach().cpu()
-
-
-def timestep_ious(payload: ExplainPayload, x: Tensor, labels: Tensor, objects: Tensor, valid: Tensor,
-                  timesteps: Iterable[int]) -> dict[int, Tensor]:
-    """IoU per image of the thresholded CAM at each of ``timesteps`` against the masks: the one rule of
-    the explain stage and of the search objective ``cam_iou``."""
-    return {t: iou(cam_regions(layer_cams(payload, x, labels, t), x.shape[-2:], payload.cam_threshold)[1],
-                   objects, valid) for t in timesteps}
-
-
 def run_shard(payload: ExplainPayload, shard: Shard) -> dict[str, Any]:
     """IoU per image at every timestep for one chunk at one noise level, and the seconds it took."""
     x = noisy(payload, shard.start, shard.stop, shard.sigma)
@@ -111,7 +73,7 @@ def run_shard(payload: ExplainPayload, shard: Shard) -> dict[str, Any]:
 
 
 def run_all(payload: ExplainPayload, sigmas: Sequence[float], out_dir: Path, chunk: int = 50, use_ray: bool = True,
-            log: Callable[[str], None] = print) -> list[dict]:
+            log: Log = print_line) -> list[dict]:
     """Run every shard not yet in ``out_dir/shards`` (on Ray, or in this process) and return all results."""
     shards = plan_shards(sigmas, len(payload.labels), chunk)
     return run_shards(run_shard, payload, shards, out_dir, use_ray=use_ray, log=log, what="explain")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pctune.evaluate.explain import ExplainPayload, layer_cams, noisy
-from pctune.evaluate.masks import cam_regions
+from pctune.evaluate.explain import noisy
+from pctune.measure.gradcam import ExplainPayload, cam_regions, layer_cams
 from pctune.utils import pyplot, save_figure
 
 

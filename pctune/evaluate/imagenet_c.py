@@ -5,7 +5,8 @@ Two sources, recorded with the results:
 - ``released``: the published tree ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``, already
   224x224: normalization only, no second resize or crop;
 - ``generated``: corrupted on the fly from a clean ImageNet-style val folder with
-  ``imagecorruptions`` (seeded per image; in memory, not JPEG-85, so numbers differ slightly).
+  ``imagecorruptions`` (seeded per image; in memory, not JPEG-85, so numbers differ slightly), by
+  :func:`pctune.measure.corruptions.corrupt_image`, which the search's corruption conditions use too.
 
 Every (corruption, severity) is one shard (plus ``clean``), run as a Ray task and checkpointed; a
 shard stores per-image correctness at every timestep so that errors, CE, mCE, relative CE/mCE and
@@ -15,14 +16,11 @@ paired bootstrap intervals are all computed afterwards from the same numbers
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -32,32 +30,29 @@ from pctune.data.folders import readable_batches
 from pctune.data.subsets import seeded_subset
 from pctune.errors import PctuneError
 from pctune.evaluate.corruption_metrics import (  # noqa: F401  (re-exported: the stage's one namespace)
-    alexnet,
     bootstrap_mce,
     ce_table,
     error_table,
-    extra_corruptions,
     mce_table,
     plot_ce_last_vs_first,
     plot_mce,
-    standard_corruptions,
     summarize,
 )
 from pctune.evaluate.shards import run_shards
+from pctune.measure.corruptions import (  # noqa: F401 (re-exported: moved to pctune.measure.corruptions)
+    MIN_CORRUPT_SIZE,
+    CShard,
+    alexnet,
+    corrupt_image,
+    extra_corruptions,
+    hash_name,
+    standard_corruptions,
+)
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
+from pctune.utils import Log, print_line
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
-
-
-@dataclass(frozen=True)
-class CShard:
-    corruption: str  # or "clean"
-    severity: int  # 0 for clean
-
-    @property
-    def name(self) -> str:
-        return "clean" if self.corruption == "clean" else f"{self.corruption}_s{self.severity}"
 
 
 @dataclass
@@ -222,38 +217,6 @@ class _ShardImages(torch.utils.data.Dataset):
             return torch.zeros(self.channels, self.size, self.size), label, False
 
 
-MIN_CORRUPT_SIZE = 32  # imagecorruptions refuses smaller images
-
-
-def corrupt_image(img: Image.Image, shard: CShard, seed: int, index: int) -> Image.Image:
-    """The seeded corruption of one image; images under 32 px are corrupted at 32 px and resized back."""
-    from imagecorruptions import corrupt
-
-    size = img.size
-    if min(size) < MIN_CORRUPT_SIZE:
-        img = img.resize((max(size[0], MIN_CORRUPT_SIZE), max(size[1], MIN_CORRUPT_SIZE)), Image.BILINEAR)
-    # Most corruptions draw from numpy's global generator: seed it per image, reproducibly. Those that
-    # take a `seed` (glass_blur, impulse_noise) would otherwise draw from a fresh unseeded generator.
-    image_seed = (seed * 1_000_003 + hash_name(shard.name) * 7_919 + index) % (2**32)
-    np.random.seed(image_seed)
-    kwargs = {"seed": image_seed} if _takes_seed(shard.corruption) else {}
-    out = corrupt(np.asarray(img), corruption_name=shard.corruption, severity=shard.severity, **kwargs)
-    out = Image.fromarray(np.uint8(np.clip(out, 0, 255)))
-    return out.resize(size, Image.BILINEAR) if out.size != size else out
-
-
-@cache
-def _takes_seed(corruption: str) -> bool:
-    from imagecorruptions.corruptions import __dict__ as functions
-
-    return "seed" in inspect.signature(functions[corruption]).parameters
-
-
-def hash_name(name: str) -> int:
-    """A stable (unsalted) small hash of a shard name."""
-    return sum((i + 1) * ord(ch) for i, ch in enumerate(name)) % 100_003
-
-
 def evaluate_shard(payload: CorruptionPayload, shard: CShard) -> dict:
     """Per-image correctness at every timestep for one shard."""
     start = time.perf_counter()
@@ -274,7 +237,7 @@ def evaluate_shard(payload: CorruptionPayload, shard: CShard) -> dict:
 
 
 def run(payload: CorruptionPayload, out_dir: Path, use_ray: bool = True, num_gpus: float = 0.0,
-        log: Callable[[str], None] = print) -> list[dict]:
+        log: Log = print_line) -> list[dict]:
     for note in payload.plan.skipped:
         log(f"imagenet-c: skipped: {note}")
     return run_shards(evaluate_shard, payload, payload.plan.shards, out_dir, use_ray=use_ray, num_gpus=num_gpus,

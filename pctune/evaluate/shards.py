@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pctune import localray
-from pctune.utils import atomic_write_json
+from pctune.utils import Log, atomic_write_json, print_line
 
 FAULT_ENV = "PCTUNE_FAULT_SHARD"  # testing hook: "<shard name>:<marker file>" kills the first worker on it
 
@@ -28,7 +28,7 @@ Work = Callable[[Any, Any], dict]
 
 
 def run_shards(work: Work, payload: Any, shards: Sequence[Named], out_dir: Path, *, use_ray: bool = True,
-               num_gpus: float = 0.0, log: Callable[[str], None] = print, what: str = "evaluation") -> list[dict]:
+               num_gpus: float = 0.0, log: Log = print_line, what: str = "evaluation") -> list[dict]:
     """Run ``work(payload, shard)`` for every shard without a result file; return every shard's result
     (in ``shards`` order). ``payload`` is put in the Ray object store once."""
     shard_dir = out_dir / "shards"

@@ -1,23 +1,28 @@
-"""The promotion stages: one configuration through ``noise`` (the Gaussian-noise sweep and denoising
-analyses), ``imagenet-c`` (CE/mCE at every timestep) or ``adversarial`` (targeted attacks at every
-timestep). The feedforward baseline is timestep 0 of every configuration.
+"""The promotion stages, each taking one configuration from its typed settings into an output folder:
+``noise`` (the Gaussian-noise sweep and denoising analyses), ``imagenet-c`` (CE/mCE at every timestep),
+``adversarial`` (targeted attacks at every timestep) and ``explain`` (Grad-CAM IoU with the objects'
+masks at every timestep). The feedforward baseline is timestep 0 of every configuration. What the stages
+measure with (clean images, object masks, Grad-CAM IoU, corruptions) is :mod:`pctune.measure`, which the
+search's objectives share.
 
 The stage names live in one table, :data:`pctune.evaluate.settings.STAGE_SETTINGS` (name -> typed
-settings); a stage runs from its settings' type. Every stage writes its tables, plots and (for the
-sharded stages) one checkpoint file per shard into its output folder, so an interrupted stage resumes.
+settings); :func:`run_stage` runs the stage its settings' type names, on the clean images of
+:func:`stage_images`. :func:`pctune.pipeline.promote` calls them for the best configurations of a search,
+:func:`evaluate_one` (``pctune evaluate STAGE``) for one configuration. Every stage writes its tables and
+plots into its output folder; ``imagenet-c``, ``adversarial`` and ``explain`` also one checkpoint file per
+shard, and ``noise`` reads its finished table back, so running a stage again skips what it finished before.
+:func:`masked_images` gives the ``cam_iou`` search objective its images too.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from pctune.errors import PctuneError
-from pctune.evaluate.images import Images, clean_images
+from pctune.data.sources import data_source, source_of
 from pctune.evaluate.settings import (
     STAGE_SETTINGS,
     AdversarialSettings,
@@ -26,11 +31,13 @@ from pctune.evaluate.settings import (
     NoiseSettings,
     parse_stage_settings,
 )
+from pctune.measure.images import Images, clean_images
+from pctune.measure.masks import masked_images  # re-exported too: moved to pctune.measure.masks
 from pctune.models.registry import model_classes
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
+from pctune.utils import Log, print_line
 
-Log = Callable[[str], None]
 Metrics = list[tuple[str, float, int]]  # (name, value, step = timestep)
 
 
@@ -141,34 +148,12 @@ def run_explain(net: PredictiveNet, hparams: Hyperparameters, images: Images, se
     return StageResult(table, metrics, artifacts, f"{brief}\nGrad-CAM: {cost * 1000:.1f} ms per image per timestep")
 
 
-def masked_images(images: Images, settings: ExplainSettings, net: PredictiveNet, log: Log):
-    """(pixels, labels, objects, valid) of the images that have a mask: the digits' ink, or the
-    ImageNet-S masks matched to the val images by file name (``images`` being the seeded subset of
-    ``settings.num_images`` from ``settings.seed``). The ``cam_iou`` search objective takes its images here too."""
-    from pctune.evaluate.masks import imagenet_s_masks, ink_masks
-
-    if settings.masks is None:
-        if images.crop:  # an ImageNet-style folder: ink is no object mask there
-            raise PctuneError(f"explain: masks: an ImageNet-S mask folder is needed for the images of {images.folder}")
-        return images.pixels, images.labels, *ink_masks(images.pixels, settings.ink_threshold)
-    from pctune.data.folders import image_folder
-    from pctune.data.subsets import seeded_subset
-
-    samples = image_folder(images.folder, split="val", image_size=net.input_size[-1], classes=images.classes).samples
-    names = [str(Path(samples[i][0]).relative_to(images.folder))
-             for i in seeded_subset(len(samples), settings.num_images, settings.seed)]
-    objects, valid, found = imagenet_s_masks(settings.masks, names, net.input_size[-1], settings.categories,
-                                             images=images.folder, resize=settings.mask_resize)
-    log(f"explain: {len(found)} of {len(names)} images have a mask in {settings.masks}")
-    return images.pixels[found], images.labels[found], objects, valid
-
-
 _RUNNERS = {NoiseSettings: run_noise, ImagenetCSettings: run_imagenet_c, AdversarialSettings: run_adversarial,
             ExplainSettings: run_explain}
 
 
 def run_stage(settings, net: PredictiveNet, hparams: Hyperparameters, images: Images, out: Path,
-              log: Log = print) -> StageResult:
+              log: Log = print_line) -> StageResult:
     """Run the stage that ``settings`` configures (one of :data:`STAGE_SETTINGS`' types) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     return _RUNNERS[type(settings)](net, hparams, images, settings, out, log)
@@ -178,16 +163,17 @@ def stage_images(stage: str, settings, source: str, path: str | None, net: Predi
     """The clean images a stage starts from: the noise sweep and explain draw their seeded subset here; the other
     stages take every image (ImageNet-C subsets its own plan, the attacks choose their own images)."""
     num_images = settings.num_images if stage in ("noise", "explain") else None
-    classes = model_classes(net) if source != "digits" else None
+    classes = None if data_source(source).own_classes else model_classes(net)
     return clean_images(source, path, net.input_size, num_images, settings.seed, workers, classes)
 
 
 def evaluate_one(stage: str, net: PredictiveNet, hparams: Hyperparameters, data: str, out: Path,
-                 settings: dict, log: Log = print) -> StageResult:
+                 settings: dict, log: Log = print_line) -> StageResult:
     """``pctune evaluate STAGE``: one configuration through one stage, without a search. ``data`` is
     an ImageNet-style val folder or "digits"; ``settings`` the stage's settings as ``--set`` gave them."""
     typed = parse_stage_settings(stage, settings, "--set", name=stage)
-    source, path = ("digits", None) if data == "digits" else ("imagenet-val", data)
+    found, path = source_of(data)
+    source = found.name
     result = run_stage(typed, net, hparams, stage_images(stage, typed, source, path, net), out, log)
     log(f"{stage}:\n{result.brief}\nwritten: {out}")
     return result

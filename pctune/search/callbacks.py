@@ -8,9 +8,10 @@ from pathlib import Path
 
 from ray import tune
 
-from pctune.search.objective import METRIC
-from pctune.search.rundir import is_final, record_early_stop
+from pctune.metrics import METRIC, step_metric
+from pctune.search.trials import append_result, is_final, record_early_stop
 from pctune.search.tune_state import snapshot
+from pctune.utils import Log, print_line
 
 #: A trial whose worker or node dies is rerun (same trial id, same config) up to this many times. A
 #: diverging trial never raises (it reports a finite penalty), so only real failures are retried.
@@ -38,6 +39,22 @@ class StateSnapshots(tune.Callback):
             self.seen = seen
 
 
+class ResultRecord(tune.Callback):
+    """Appends every trial result to the stage's own record in the run directory
+    (:func:`pctune.search.trials.append_result`), the copy that survives a driver killed while Tune
+    rewrites the trial's ``result.json``."""
+
+    def __init__(self, exp_dir: Path) -> None:
+        self.exp_dir = Path(exp_dir)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        storage = getattr(trial, "storage", None)
+        # where the experiment is now (a restored callback keeps the run's old place, as StateSnapshots)
+        exp_dir = Path(getattr(storage, "experiment_fs_path", self.exp_dir))
+        folder = getattr(storage, "trial_dir_name", None) or Path(trial.path).name
+        append_result(exp_dir, folder, {**result, "config": trial.config})
+
+
 class EarlyStops(tune.Callback):
     """Records the trials that completed without a final result: a scheduler stopped them early (a
     trial only returns after its last image). Tune calls this before it saves its state, so a resumed
@@ -57,10 +74,14 @@ class EarlyStops(tune.Callback):
 class Progress(tune.Callback):
     """One line per finished trial: its score (or where the scheduler stopped it) and the best final
     score so far (among the configurations that meet a robust objective's constraints; a trial that
-    breaks one says so). ``metric`` and ``mode``: the objective's (``mean_ce``, "min" by default)."""
+    breaks one says so). ``metric`` and ``mode``: the objective's (``mean_ce``, "min" by default).
+    The lines go to ``log``: Tune pickles its callbacks into the experiment state (``tuner.pkl``) and
+    restores them on ``--resume``, so it must be picklable (a module-level function, as the default)."""
 
-    def __init__(self, stage: str, total: int, metric: str = METRIC, mode: str = "min") -> None:
-        self.stage, self.total, self.metric = stage, total, metric
+    log: Log = staticmethod(print_line)  # for a Progress restored from a state pickled before it had a log
+
+    def __init__(self, stage: str, total: int, metric: str = METRIC, mode: str = "min", log: Log = print_line) -> None:
+        self.stage, self.total, self.metric, self.log = stage, total, metric, log
         self.better = min if mode == "min" else max
         self.best = math.inf if mode == "min" else -math.inf
 
@@ -74,19 +95,19 @@ class Progress(tune.Callback):
         done = 1 + len(others)
         best = f"{self.best:.4f}" if math.isfinite(self.best) else "-"
         if not is_final(result):
-            print(f"[{self.stage}] trial {done}/{self.total}  stopped at {int(result.get('num_images', 0))}/"
-                  f"{int(result.get('total_images', 0))} images  {self.metric} {value:.4f}  best {best}", flush=True)
+            self.log(f"[{self.stage}] trial {done}/{self.total}  stopped at {int(result.get('num_images', 0))}/"
+                     f"{int(result.get('total_images', 0))} images  {self.metric} {value:.4f}  best {best}")
             return
-        last_t = max((int(k[len("accuracy_t"):]) for k in result if k.startswith("accuracy_t")), default=0)
+        last_t = max((step[1] for k in result if (step := step_metric(k)) and step[0] == "accuracy"), default=0)
         flag = "  DIVERGED" if result.get("diverged") else "  INFEASIBLE" if not result.get("feasible", 1.0) else ""
         ce = "" if self.metric == METRIC else f"  mean_ce {result.get(METRIC, math.nan):.4f}"
-        print(f"[{self.stage}] trial {done}/{self.total}  {self.metric} {value:.4f}{ce}  "
-              f"acc_t{last_t} {result.get(f'accuracy_t{last_t}', math.nan):.3f}  best {best}  "
-              f"({result.get('eval_seconds', math.nan) + result.get('cam_seconds', 0.0):.2f}s){flag}", flush=True)
+        self.log(f"[{self.stage}] trial {done}/{self.total}  {self.metric} {value:.4f}{ce}  "
+                 f"acc_t{last_t} {result.get(f'accuracy_t{last_t}', math.nan):.3f}  best {best}  "
+                 f"({result.get('eval_seconds', math.nan) + result.get('cam_seconds', 0.0):.2f}s){flag}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"[{self.stage}] trial {trial.trial_id} was lost (its worker or node died); retrying it "
-              f"(failure {trial.num_failures} of at most {MAX_FAILURES})", flush=True)
+        self.log(f"[{self.stage}] trial {trial.trial_id} was lost (its worker or node died); retrying it "
+                 f"(failure {trial.num_failures} of at most {MAX_FAILURES})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[{self.stage}] trial {trial.trial_id} failed (see {trial.local_path})", flush=True)
+        self.log(f"[{self.stage}] trial {trial.trial_id} failed (see {trial.local_path})")

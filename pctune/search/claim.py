@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from pctune.errors import PctuneError
@@ -19,11 +18,10 @@ from pctune.search.job import Job
 from pctune.search.manifest import MARKER
 from pctune.search.rundir import RunDir
 from pctune.search.runlock import run_lock
+from pctune.utils import Log, print_line
 
-Log = Callable[[str], None]
 
-
-def search_lock(job: Job, log: Log = print) -> contextlib.AbstractContextManager:
+def search_lock(job: Job, log: Log = print_line) -> contextlib.AbstractContextManager:
     """The lock of the job's run directory (:mod:`pctune.search.runlock`), held by a search from its
     checks to its end (re-entrant: the pipeline holds it across the search, sync and promotion)."""
     check_location(job)

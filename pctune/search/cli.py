@@ -50,13 +50,13 @@ def add_search_commands(commands) -> None:
     results = commands.add_parser("results", help="the leaderboard of a search; writes leaderboard.csv and "
                                                   "best.toml")
     results.add_argument("job", help="a job name in jobs/ or a job TOML path")
-    _job_flags(results)
+    job_flags(results)
     results.add_argument("--top", type=int, default=20, help="rows to print (0: all)")
     results.set_defaults(handler=_results)
 
     sync = commands.add_parser("sync", help="upload to MLflow what a search logged nowhere (a server that was down)")
     sync.add_argument("job", help="a job name in jobs/ or a job TOML path")
-    _job_flags(sync)
+    job_flags(sync)
     sync.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
     sync.add_argument("--register-incomplete", action="store_true",
                       help="register the best configuration as @champion even if the search did not run to its end")
@@ -66,7 +66,7 @@ def add_search_commands(commands) -> None:
 def _search_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of ``pctune search`` (``pctune check`` takes the same, to check the same search)."""
     parser.add_argument("job", help="a job name in jobs/ (e.g. demo) or a job TOML path")
-    _job_flags(parser)
+    job_flags(parser)
     parser.add_argument("--num-samples", type=int, help="trials (per pcoder with the per-pcoder strategy); with "
                                                          "--resume, a larger count extends the search")
     parser.add_argument("--max-concurrent", type=int, help="trials running at once")
@@ -95,7 +95,8 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="also show Ray Tune's status tables")
 
 
-def _job_flags(parser: argparse.ArgumentParser) -> None:
+def job_flags(parser: argparse.ArgumentParser) -> None:
+    """``--storage-path`` and ``--set``: the flags of every command that loads a job (read by :func:`job_overrides`)."""
     parser.add_argument("--storage-path", help="where runs are kept (default: the job's, ./pctune_runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any job field, e.g. --set objective.sigma=0.75 (repeatable)")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pctune.metrics import FEASIBLE, METRIC, at_timestep, constraint, of_condition
 from pctune.schema import at_least, error, read_table
 
 CONDITION_KINDS = ("noise", "clean", "corruption")
@@ -63,7 +64,7 @@ class Constraint:
 
     @property
     def key(self) -> str:
-        return f"constraint_{self.condition}_{self.metric}"
+        return constraint(self.condition, self.metric)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class RobustObjective:
     @property
     def objectives(self) -> list[str]:
         """The metrics the sampler minimizes: ``mean_ce``, or the Pareto objectives."""
-        return [f"mean_ce_{c}" for c in self.pareto] if self.combine == "pareto" else ["mean_ce"]
+        return [of_condition(METRIC, c) for c in self.pareto] if self.combine == "pareto" else [METRIC]
 
     @property
     def constraint_keys(self) -> list[str]:
@@ -87,8 +88,8 @@ class RobustObjective:
     def champion_rule(self) -> str:
         feasible = " among configurations meeting every constraint" if self.constraints else ""
         if self.combine == "pareto":
-            return f"lowest mean_ce_{self.pareto[0]} on the Pareto front of {', '.join(self.objectives)}{feasible}"
-        return f"lowest mean_ce (weighted mean over conditions){feasible}"
+            return f"lowest {self.objectives[0]} on the Pareto front of {', '.join(self.objectives)}{feasible}"
+        return f"lowest {METRIC} (weighted mean over conditions){feasible}"
 
 
 # -- the job's [objective] keys -------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def _condition(table: object, i: int, timesteps: int, source: str) -> Condition:
     at_least(cond.timesteps, 1, source, f"{where}.timesteps")
     cond.timesteps = cond.timesteps or timesteps
     if cond.kind == "corruption":
-        from pctune.evaluate.corruption_metrics import extra_corruptions, standard_corruptions
+        from pctune.measure.corruptions import extra_corruptions, standard_corruptions
 
         known = standard_corruptions() + extra_corruptions() + [STANDARD_MIX]
         if cond.corruption not in known:
@@ -172,12 +173,12 @@ def condition_images(cond: Condition, clean: torch.Tensor, mean: Sequence[float]
         return add_gaussian_noise(clean, cond.sigma, seed)
     from PIL import Image
 
-    from pctune.evaluate.imagenet_c import CShard, corrupt_image
+    from pctune.measure.corruptions import CShard, corrupt_image
 
     m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     pixels = ((clean * s + m).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     if cond.corruption == STANDARD_MIX:
-        from pctune.evaluate.corruption_metrics import standard_corruptions
+        from pctune.measure.corruptions import standard_corruptions
 
         severities = [cond.severity] if cond.severity else [1, 2, 3, 4, 5]
         # image i: corruption i mod 15, severity (i div 15) mod 5: all 75 pairs in turn
@@ -200,9 +201,10 @@ _PER_TIMESTEP = ("ce", "accuracy")
 
 def condition_metrics(name: str, metrics: Mapping[str, float], timesteps: int) -> dict[str, float]:
     """One condition's metrics renamed: ``mean_ce_{name}``, ``diverged_{name}``, ``ce_{name}_t{t}``, ..."""
-    out = {f"mean_ce_{name}": metrics["mean_ce"], f"diverged_{name}": metrics["diverged"]}
+    out = {of_condition(METRIC, name): metrics[METRIC], of_condition("diverged", name): metrics["diverged"]}
     for key in _PER_TIMESTEP:
-        out.update({f"{key}_{name}_t{t}": metrics[f"{key}_t{t}"] for t in range(timesteps + 1)})
+        out.update({at_timestep(of_condition(key, name), t): metrics[at_timestep(key, t)]
+                    for t in range(timesteps + 1)})
     return out
 
 
@@ -210,10 +212,10 @@ def constraint_value(con: Constraint, metrics: Mapping[str, float], timesteps: i
     """The worst shortfall of ``con``'s condition against its timestep 0, minus the tolerance (<= 0:
     met). A diverged condition fails every constraint on it (value 1)."""
     name = con.condition
-    if metrics.get(f"diverged_{name}", 0.0):
+    if metrics.get(of_condition("diverged", name), 0.0):
         return 1.0
-    first = metrics[f"{con.metric}_{name}_t0"]
-    later = [metrics[f"{con.metric}_{name}_t{t}"] for t in range(1, timesteps + 1)]
+    first = metrics[at_timestep(of_condition(con.metric, name), 0)]
+    later = [metrics[at_timestep(of_condition(con.metric, name), t)] for t in range(1, timesteps + 1)]
     worst = first - min(later) if con.metric == "accuracy" else max(later) - first
     return float(worst - con.tolerance)
 
@@ -230,16 +232,16 @@ def combine(robust: RobustObjective, by_condition: Mapping[str, Mapping[str, flo
     diverged = any(m["diverged"] for m in by_condition.values())
     weights = {c.name: c.weight for c in robust.conditions}
     total = sum(weights.values()) or 1.0
-    mean = sum(w * by_condition[n]["mean_ce"] for n, w in weights.items()) / total
-    out["mean_ce"] = penalty if diverged else float(mean)
+    mean = sum(w * by_condition[n][METRIC] for n, w in weights.items()) / total
+    out[METRIC] = penalty if diverged else float(mean)
     out["diverged"] = float(diverged)
     if diverged:  # every objective at the penalty: a failed point never looks good on any axis
-        out.update({f"mean_ce_{c.name}": penalty for c in robust.conditions})
+        out.update({of_condition(METRIC, c.name): penalty for c in robust.conditions})
     timesteps = {c.name: c.timesteps for c in robust.conditions}
     values = [constraint_value(con, out, timesteps[con.condition]) for con in robust.constraints]
     out.update({con.key: v for con, v in zip(robust.constraints, values, strict=True)})
     if robust.constraints:
-        out["feasible"] = float(all(v <= 0 for v in values))
+        out[FEASIBLE] = float(all(v <= 0 for v in values))
     out["num_images"] = min(m["num_images"] for m in by_condition.values())
     out["final"] = float(diverged or all(m["final"] for m in by_condition.values()))
     out["eval_seconds"] = sum(m["eval_seconds"] for m in by_condition.values())

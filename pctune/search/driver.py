@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,21 +24,20 @@ from ray.tune.logger import JsonLoggerCallback
 
 from pctune import interrupts
 from pctune.errors import Interrupted, PctuneError
+from pctune.metrics import METRIC, is_trial_metric
 from pctune.pc.hyperparameters import Hyperparameters
-from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, StateSnapshots
-from pctune.search.cam import cam_objective
+from pctune.search.callbacks import MAX_FAILURES, EarlyStops, Progress, ResultRecord, StateSnapshots
 from pctune.search.claim import claim_plan, claim_run_dir, search_lock
 from pctune.search.extend import restore_tuner
-from pctune.search.grid import GRID_STRATEGY, make_grid_searcher
 from pctune.search.identity import check_resume, evaluation_arrays, fingerprint, job_record
 from pctune.search.job import Job
-from pctune.search.prepare import Log, Prepared, StartingPoint, _print, check_paths, prepare
+from pctune.search.prepare import Log, Prepared, _print, check_paths, prepare
 from pctune.search.raycluster import check_resources, connect
 from pctune.search.rundir import COMBINATION, JOB, REFERENCES, RunDir, Trial, load_trials
-from pctune.search.samplers import make_sampler
-from pctune.search.schedulers import FidelityOptunaSearch, make_scheduler, report_points
+from pctune.search.schedulers import make_scheduler, report_points
+from pctune.search.searchers import make_searcher
 from pctune.search.signing import state_key
-from pctune.search.space import SearchSpace, SpaceSampler, hparams_to_config
+from pctune.search.space import hparams_to_config
 from pctune.search.trainable import TrialPayload, digest_arrays, run_trial, state_arrays
 from pctune.search.tune_state import check_ray_version, remember_tuner_state, repair
 
@@ -62,12 +60,12 @@ def trial_setup(prep: Prepared, data_key: str | None = None) -> TrialPayload:
     data = evaluation_arrays(prep)
     search = prep.job.search
     return TrialPayload(spec=prep.spec, model_key=digest_arrays(state), model_ref=ray.put(state),
-                      data_key=data_key or digest_arrays(data), data_ref=ray.put(data),
-                      timesteps=prep.job.objective.timesteps, batch_size=prep.job.objective.batch_size,
-                      penalty=prep.penalty, checkpoint=search.scheduler == "hyperband", cache_gb=search.cache_gb,
-                      report_at=tuple(report_points(len(prep.labels), search.scheduler, search.grace_images,
-                                                    search.reduction_factor)),
-                      robust=prep.job.objective.robust(prep.job.source), cam=cam_objective(prep.job))
+                        data_key=data_key or digest_arrays(data), data_ref=ray.put(data),
+                        timesteps=prep.job.objective.timesteps, batch_size=prep.job.objective.batch_size,
+                        penalty=prep.penalty, checkpoint=prep.job.kinds.scheduler.checkpoints,
+                        cache_gb=search.cache_gb, objective=prep.objective,
+                        report_at=tuple(report_points(len(prep.labels), search.scheduler, search.grace_images,
+                                                      search.reduction_factor)))
 
 
 def evaluate_points(setup: TrialPayload, points: dict[str, Hyperparameters], resources: dict) -> dict[str, dict]:
@@ -116,12 +114,7 @@ def _run_search(job: Job, log: Log, callbacks: list | None) -> dict[str, Any]:
         f"{len(prep.labels)} images; results in {run_dir.path}")
     try:
         score_references(prep, setup, run_dir, log)
-        if job.search.strategy == "joint":
-            run_joint(prep, setup, log, callbacks)
-        elif job.search.strategy == GRID_STRATEGY:
-            _single_pcoder_grid(prep, setup, log, callbacks)
-        else:
-            _per_pcoder(prep, setup, run_dir, log, callbacks)
+        job.kinds.strategy.run(Stages(prep, setup, run_dir, log, callbacks))
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a full disk must not hide why the search stopped
             run_dir.record_search_state("stopped", expected)
@@ -135,21 +128,15 @@ def _run_search(job: Job, log: Log, callbacks: list | None) -> dict[str, Any]:
 
 
 def _expected_trials(prep: Prepared) -> int:
-    """The trials the whole search runs: num_samples (per pcoder), or every grid point."""
-    if prep.job.search.strategy == GRID_STRATEGY:
-        return sum(len(g.points) for g in prep.grids)
-    return prep.job.search.num_samples * (prep.space.num_pcoders if prep.job.search.strategy == "per-pcoder" else 1)
+    """The trials the whole search runs (the strategy's plan: num_samples per experiment, or its grids)."""
+    return prep.job.kinds.strategy.expected_trials(prep.job.search.num_samples, prep.space.num_pcoders, prep.grids)
 
 
 def _plan(prep: Prepared) -> str:
     """What the search runs, for its first line."""
-    search, (metric, mode) = prep.job.search, prep.job.objective.goal()
-    goal = "" if metric == "mean_ce" else f", {mode}imize {metric}"
-    if search.strategy == GRID_STRATEGY:
-        sizes = "+".join(str(len(g.points)) for g in prep.grids)
-        return f"{search.strategy}, {sizes} trials: a grid per pcoder, the others feedforward{goal}"
-    per = " per pcoder" if search.strategy == "per-pcoder" else ""
-    return f"{search.strategy}, sampler {search.sampler}, {search.num_samples} trials{per}{goal}"
+    objective = prep.objective
+    goal = "" if objective.metric == METRIC else f", {objective.mode}imize {objective.metric}"
+    return prep.job.kinds.strategy.plan(prep.job.search, prep.grids) + goal
 
 
 def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log) -> dict:
@@ -171,44 +158,30 @@ def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: 
 
 def _scores(job: Job, metrics: dict) -> str:
     """``mean_ce 0.4923``, or the objective's score first: ``cam_iou 0.2280  mean_ce 0.4923``."""
-    metric = job.objective.goal()[0]
-    first = "" if metric == "mean_ce" else f"{metric} {metrics.get(metric, float('nan')):.4f}  "
-    return f"{first}mean_ce {metrics['mean_ce']:.4f}"
+    metric = job.kinds.objective.metric
+    first = "" if metric == METRIC else f"{metric} {metrics.get(metric, float('nan')):.4f}  "
+    return f"{first}{METRIC} {metrics.get(METRIC, float('nan')):.4f}"
 
 
 def _tuner(prep: Prepared, setup: TrialPayload, stage: str, searcher, num_samples: int,
            callbacks: list | None) -> tune.Tuner:
     """A new Tune experiment for ``stage``: ``num_samples`` trials proposed by ``searcher``."""
     job = prep.job
-    metric, mode = job.objective.goal()
+    metric, mode = job.kinds.objective.metric, job.kinds.objective.mode
     scheduler = make_scheduler(job.search.scheduler, job.run_dir / stage, len(prep.labels), job.search.grace_images,
                                job.search.reduction_factor, metric, mode)
-    # HyperBand pauses trials; paused trials would hold Tune's concurrency slots and its brackets would
-    # wait for them forever, so under HyperBand the cluster's resources alone limit concurrency.
-    concurrent = None if job.search.scheduler == "hyperband" else job.search.max_concurrent_trials
+    concurrent = job.search.max_concurrent_trials if job.kinds.scheduler.limits_concurrency else None
+    exp_dir = job.run_dir / stage
     return tune.Tuner(
         _trainable(job, setup),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=stage, storage_path=str(job.run_dir), verbose=1 if job.run.verbose else 0,
-                                  callbacks=[JsonLoggerCallback(), EarlyStops(job.run_dir / stage),
-                                             Progress(stage, num_samples, metric, mode),
-                                             StateSnapshots(job.run_dir / stage), *(callbacks or [])],
+                                  callbacks=[JsonLoggerCallback(), ResultRecord(exp_dir), EarlyStops(exp_dir),
+                                             Progress(stage, num_samples, metric, mode), StateSnapshots(exp_dir),
+                                             *(callbacks or [])],
                                   failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
     )
-
-
-def make_searcher(job: Job, space: SearchSpace, points: list[StartingPoint]):
-    """Ray Tune's OptunaSearch over ``space`` with the job's seeded sampler, the starting points first
-    (trials stopped early reach the study as PRUNED: :class:`FidelityOptunaSearch`). A robust objective's
-    constraints reach the sampler's ``constraints_func``; a Pareto search has one objective per condition."""
-    robust = job.objective.robust(job.source)
-    sampler = make_sampler(job.search.sampler, job.search.seed, job.search.max_concurrent_trials, job.source)
-    metric, mode = job.objective.tune_targets(job.source)
-    searcher = FidelityOptunaSearch(space=SpaceSampler(space), metric=metric, mode=mode, sampler=sampler,
-                                    points_to_evaluate=[p.coords for p in points] or None)
-    searcher.constraint_keys = tuple(robust.constraint_keys if robust else ())
-    return searcher
 
 
 def _trainable(job: Job, setup: TrialPayload):
@@ -220,8 +193,9 @@ def run_joint(prep: Prepared, setup: TrialPayload, log: Log, callbacks: list | N
               stage: str = "joint") -> None:
     """The joint strategy: one Tune experiment over the whole space, starting points first (the
     benchmarks run it too, under their own stage names)."""
-    _run_stage(prep, setup, stage, functools.partial(make_searcher, prep.job, prep.space, prep.starting_points),
-               prep.job.search.num_samples, log, callbacks)
+    searcher = functools.partial(make_searcher, prep.job, prep.space, prep.starting_points)
+    Stages(prep, setup, RunDir(prep.job.run_dir), log, callbacks).run_stage(stage, searcher,
+                                                                            prep.job.search.num_samples)
 
 
 def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callable[[], Any], num_samples: int,
@@ -236,7 +210,7 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
         raise _stopped(job, stage, sum(1 for t in load_trials(exp_dir) if t.finished), num_samples)
     if exp_dir.exists():
         before = load_trials(exp_dir)
-        setup = dataclasses.replace(setup, replay=_reported_results(before))
+        setup = dataclasses.replace(setup, replay=_reported_results(before, job.kinds.objective.reported()))
         repair(exp_dir, log)  # verifies the signed state and leaves nothing else for Tune to unpickle
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
         if _stage_finished(before, num_samples):
@@ -276,14 +250,10 @@ def _job_ref(job: Job) -> str:
     return job.name if same else job.source
 
 
-_OWN_METRIC = re.compile(r"^(mean_ce|diverged|ce_t\d+|accuracy_t\d+|recon_error_pc\d+(_t\d+)?|num_images|"
-                         r"eval_seconds|model_loads|gpu|total_images|final|t0_cached|cam_iou(_t\d+|_rel)?|"
-                         r"cam_seconds)$")
-
-
-def _reported_results(trials: list[Trial]) -> dict[str, dict[str, float]]:
-    """trial id -> the metrics it reported, for every trial with a result on disk."""
-    return {t.trial_id: {k: v for k, v in t.metrics.items() if _OWN_METRIC.match(k)} for t in trials if t.finished}
+def _reported_results(trials: list[Trial], own: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+    """trial id -> the metrics it reported (not Ray Tune's additions), for every trial with a result on
+    disk; ``own``: the objective's own metric names."""
+    return {t.trial_id: {k: v for k, v in t.metrics.items() if is_trial_metric(k, own)} for t in trials if t.finished}
 
 
 def _stage_finished(trials: list[Trial], num_samples: int) -> bool:
@@ -292,49 +262,27 @@ def _stage_finished(trials: list[Trial], num_samples: int) -> bool:
     return sum(1 for t in trials if t.status in ("TERMINATED", "ERROR")) >= num_samples
 
 
-def _per_pcoder(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log, callbacks: list | None = None) -> None:
-    defaults = prep.net.hyperparameters(prep.job.search.defaults)
-    winners = []
-    for n in range(1, prep.space.num_pcoders + 1):
-        space = prep.space.only(n, defaults)
-        points = []
-        for point in prep.starting_points:
-            mixed = [list(t) for t in defaults.triples()]
-            mixed[n - 1] = list(point.hparams.triples()[n - 1])
-            coords, _ = space.encode(Hyperparameters(*zip(*mixed, strict=True)), label=point.label)
-            points.append(StartingPoint(point.label, space.decode(coords), coords))
-        stage = f"pcoder{n}"
-        _run_stage(prep, setup, stage, functools.partial(make_searcher, prep.job, space, _unique(points)),
-                   prep.job.search.num_samples, log, callbacks)
-        best = run_dir.best(stage)
-        if best is None:
-            raise PctuneError(f"[{stage}] no trial finished without diverging")
-        winners.append(best.hparams.triples()[n - 1])
-        log(f"[{stage}] winner beta={winners[-1][0]:.4g} lambda={winners[-1][1]:.4g} alpha={winners[-1][2]:.4g} "
-            f"({_scores(prep.job, best.metrics)})")
-    combined = Hyperparameters(*(list(col) for col in zip(*winners, strict=True)))
-    earlier = run_dir.read_json(COMBINATION)
-    if earlier is None or earlier.get("config") != hparams_to_config(combined):  # new, or new winners (extended)
-        result = evaluate_points(setup, {"combination": combined}, prep.job.search.resources)["combination"]
-        run_dir.write_json(COMBINATION, result)
-        log(f"combination of the per-pcoder winners: {_scores(prep.job, result['metrics'])}")
+class Stages:
+    """What a strategy (:mod:`pctune.search.strategies`) runs its search with: Tune experiments, points
+    scored as plain Ray tasks, the best of a stage and the per-pcoder combination's record."""
 
+    def __init__(self, prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: Log, callbacks: list | None) -> None:
+        self.prep, self.setup, self.run_dir, self.log, self.callbacks = prep, setup, run_dir, log, callbacks
 
-def _single_pcoder_grid(prep: Prepared, setup: TrialPayload, log: Log, callbacks: list | None = None) -> None:
-    """One exhaustive Tune experiment per pcoder over its grid, the other pcoders feedforward. There is
-    no combination: each trial is one point of the sweep (:mod:`pctune.search.grid`)."""
-    for grid in prep.grids:
-        log(f"[{grid.stage}] {grid.describe()}")
-        _run_stage(prep, setup, grid.stage, functools.partial(make_grid_searcher, prep.job, grid), len(grid.points),
-                   log, callbacks)
+    def run_stage(self, stage: str, searcher: Callable[[], Any], num_samples: int) -> None:
+        _run_stage(self.prep, self.setup, stage, searcher, num_samples, self.log, self.callbacks)
 
+    def evaluate(self, points: dict[str, Hyperparameters]) -> dict[str, dict]:
+        return evaluate_points(self.setup, points, self.prep.job.search.resources)
 
-def _unique(points: list[StartingPoint]) -> list[StartingPoint]:
-    seen, out = set(), []
-    for p in points:
-        key = tuple(sorted((k, round(v, 12)) for k, v in p.coords.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
+    def best(self, stage: str):
+        return self.run_dir.best(stage)
 
+    def read_combination(self) -> dict | None:
+        return self.run_dir.read_json(COMBINATION)
+
+    def write_combination(self, result: dict) -> None:
+        self.run_dir.write_json(COMBINATION, result)
+
+    def scores(self, metrics: dict) -> str:
+        return _scores(self.prep.job, metrics)

@@ -63,18 +63,11 @@ _GRID_DECIDES = {"num_samples": "one trial per grid point", "sampler": "Optuna's
 
 
 def check_grid_search(cfg, table: Mapping, source: str) -> None:
-    """``[search]`` (a ``SearchConfig`` read from ``table``) checked for the grid sweep; its ``grid``
-    set to the default grid when the strategy is the sweep and the job gives none."""
-    if cfg.strategy != GRID_STRATEGY:
-        if cfg.grid is not None:
-            raise error(source, "search.grid", f"only with strategy = '{GRID_STRATEGY}'")
-        return
+    """``[search]`` (a ``SearchConfig`` read from ``table``) checked for the grid sweep, its ``grid``
+    set to the default grid when the job gives none (:class:`pctune.search.strategies.SinglePcoderGrid`)."""
     for key, why in _GRID_DECIDES.items():
         if key in table:
             raise error(source, f"search.{key}", f"strategy = '{GRID_STRATEGY}' decides it ({why}): leave it out")
-    if cfg.scheduler != "fifo":
-        raise error(source, "search.scheduler", f"strategy = '{GRID_STRATEGY}' scores every grid point on every "
-                    "image: use 'fifo'")
     cfg.grid = cfg.grid or GridSpec()
 
 
@@ -183,6 +176,6 @@ def make_grid_searcher(job, grid: PcoderGrid) -> FidelityOptunaSearch:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # as make_sampler: no line per study
     name = f"{grid.stage}.grid_point"
-    metric, mode = job.objective.tune_targets(job.source)
+    metric, mode = job.kinds.objective.targets()
     sampler = ExhaustiveGrid({name: list(range(len(grid.points)))}, seed=job.search.seed)
     return FidelityOptunaSearch(space=GridPoints(name, grid.points), metric=metric, mode=mode, sampler=sampler)

@@ -12,7 +12,7 @@ job are never ranked with trials of another.
 Not part of it (a resumed search may change them): ``search.num_samples`` (a larger count extends the
 search, a smaller one is refused), ``max_concurrent_trials``, ``resources``, ``cache_gb``, the storage
 path and Ray address, tracking, promotion (except what a ``cam_iou`` objective takes from
-``[promotion.explain]``) and verbosity.
+``[promotion.explain]``, under ``[objective.cam]``'s keys) and verbosity.
 
 Run directories of an older pctune record no fingerprint: their job.json's ``job`` (the job as the
 search ran it) gives the configuration fields and ``space_description`` the space; those are compared,
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from pctune.errors import PctuneError
-from pctune.search.grid import GRID_STRATEGY
 from pctune.search.prepare import Prepared
 from pctune.search.rundir import RunDir
 from pctune.search.space import hparams_to_config
@@ -42,12 +41,9 @@ _MODEL = ("name", "backbone", "pretrained", "gradient_scaling")
 
 
 def evaluation_arrays(prep: Prepared) -> dict:
-    """The arrays every trial is scored on (images or each condition's images, labels, masks): what
-    the driver puts into Ray's object store, and what the data digest covers."""
-    data = {"images": prep.images, "labels": prep.labels, **prep.masks}
-    if prep.conditions:  # a robust objective: every condition's images (the first's are `images`)
-        data = {"labels": prep.labels, **{f"images/{name}": images for name, images in prep.conditions.items()}}
-    return data
+    """The arrays every trial is scored on (the objective's: images or each condition's images, labels,
+    masks): what the driver puts into Ray's object store, and what the data digest covers."""
+    return prep.arrays
 
 
 def fingerprint(prep: Prepared, data_key: str) -> dict[str, Any]:
@@ -60,8 +56,7 @@ def fingerprint(prep: Prepared, data_key: str) -> dict[str, Any]:
     fields["data.digest"] = data_key[:16]
     fields["search.space"] = _digest_file(job.space_path)
     fields["search.space_description"] = prep.space.describe()
-    if job.objective.kind == "cam_iou":  # its thresholds and gradients are the explain stage's
-        fields["promotion.explain"] = _plain(asdict(job.promotion.settings["explain"]))
+    fields.update({key: _plain(value) for key, value in job.kinds.objective.identity(job).items()})
     return {"format": FORMAT, "fields": fields}
 
 
@@ -125,15 +120,17 @@ def _plain(value: Any) -> Any:
 def job_record(prep: Prepared, identity: dict[str, Any]) -> dict:
     """job.json: the job as the search runs it, with its fingerprint."""
     job = prep.job
-    metric, mode = job.objective.goal()  # what RunDir.goal reads back: the ranking's metric and direction
+    objective = job.kinds.objective  # RunDir.goal reads back the ranking's metric and direction
     return {"name": job.name, "source": str(Path(job.source).resolve()), "model": prep.spec.name,
             "num_pcoders": prep.net.num_pcoders, "space": str(job.space_path.resolve()),
             "space_description": prep.space.describe(), "strategy": job.search.strategy,
-            "metric": metric, "mode": mode, "penalty": prep.penalty, "num_images": len(prep.labels),
+            "metric": objective.metric, "mode": objective.mode, "front": objective.front(),
+            "penalty": prep.penalty, "num_images": len(prep.labels),
             "unreadable_images": prep.unreadable,
             "starting_points": [{"label": p.label, "config": hparams_to_config(p.hparams)}
                                 for p in prep.starting_points],
-            "fingerprint": identity, "job": asdict(job)}
+            "fingerprint": identity, "job": {k: v for k, v in asdict(job).items() if k != "tables"},
+            "tables": job.tables}
 
 
 def recorded_fields(record: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +166,7 @@ def check_resume(run_dir: RunDir, prep: Prepared, identity: dict[str, Any]) -> N
                           "to start this job over, or use another --storage-path or job name")
     before = previous_num_samples(record)
     search = prep.job.search
-    if search.strategy != GRID_STRATEGY and before is not None and search.num_samples < before:
+    if prep.job.kinds.strategy.uses_num_samples and before is not None and search.num_samples < before:
         raise PctuneError(f"{run_dir.path}: --num-samples {search.num_samples} is smaller than the {before} this "
                           f"search was run with: resume with --num-samples {before} or more (more extends the search)")
 

@@ -14,9 +14,11 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from pctune.data.sources import DATA_SOURCES
 from pctune.errors import PctuneError
 from pctune.evaluate.settings import (
     STAGE_SETTINGS,
@@ -27,19 +29,17 @@ from pctune.evaluate.settings import (
 )
 from pctune.models.spec import read_toml
 from pctune.schema import at_least, convert, error, no_unknown, read_table
-from pctune.search.cam import check_cam_objective
 from pctune.search.conditions import RobustObjective, read_robust
-from pctune.search.grid import GRID_STRATEGY, GridSpec, check_grid_search, read_grid
+from pctune.search.grid import GridSpec, read_grid
+from pctune.search.kinds import Kinds, check_compatible, read_kinds
 from pctune.search.locate import REPO_ROOT, resolve_job_path, resolve_space_path  # noqa: F401 (re-exported)
-from pctune.search.objective import CAM_TIMESTEPS, OBJECTIVES
+from pctune.search.objectives import CAM_TIMESTEPS, OBJECTIVES
 from pctune.search.overrides import has_dotted, parse_assignment, set_dotted  # noqa: F401 (re-exported)
-from pctune.search.samplers import CONSTRAINED, MULTI_OBJECTIVE, SAMPLERS
+from pctune.search.samplers import SAMPLERS
 from pctune.search.schedulers import SCHEDULERS
+from pctune.search.strategies import STRATEGIES
 
-STRATEGIES = ("joint", "per-pcoder", GRID_STRATEGY)
-DATA_SOURCES = ("imagenet-val", "digits")
 IF_EXISTS = ("error", "overwrite")
-PROMOTION_STAGES = tuple(STAGE_SETTINGS)  # compatibility: the stage names are STAGE_SETTINGS's keys
 
 
 @dataclass
@@ -81,28 +81,22 @@ class ObjectiveConfig:
     combine: str = "aggregate"  # "aggregate" | "constraints" | "pareto"
     constraints: list[Any] = field(default_factory=list)  # [[objective.constraints]] tables
     pareto: list[str] = field(default_factory=list)  # combine = "pareto": 2 or 3 condition names
-    # What is optimized (OBJECTIVES): the paper's "cross_entropy", or "cam_iou": the Grad-CAM IoU against
-    # object masks at t = T ("last") or averaged over t = 1..T ("mean"), maximized; masks, thresholds and
-    # the gradient mode are the explain stage's ([promotion.explain])
+    # What is optimized (pctune.search.objectives.OBJECTIVES): the paper's "cross_entropy", or "cam_iou":
+    # the Grad-CAM IoU against object masks at t = T ("last") or averaged over t = 1..T ("mean"), maximized;
+    # masks, thresholds and the gradient mode: [objective.cam], else the explain stage's ([promotion.explain])
     kind: str = "cross_entropy"
     cam_timesteps: str = "last"
+    cam: dict[str, Any] = field(default_factory=dict)  # [objective.cam] (pctune.search.objectives.cam_iou)
 
     def robust(self, source: str = "<job>") -> RobustObjective | None:
         """The parsed conditions (None: the paper's single condition)."""
         return read_robust(self.conditions, self.combine, self.constraints, self.pareto, self.timesteps, source)
 
     def goal(self) -> tuple[str, str]:
-        """THE metric a search of this objective optimizes and its direction: ``("mean_ce", "min")`` or
-        ``("cam_iou", "max")``. The Tune searcher, the ranking, the leaderboard, the progress lines and
-        the MLflow champion all follow it (through job.json's ``metric`` and ``mode``)."""
-        return OBJECTIVES[self.kind]
-
-    def tune_targets(self, source: str = "<job>") -> tuple[str | list[str], str | list[str]]:
-        """The metric(s) and mode(s) the Tune searcher gets: :meth:`goal`, or a Pareto search's objectives."""
-        robust = self.robust(source)
-        if robust is not None and len(robust.objectives) > 1:
-            return robust.objectives, ["min"] * len(robust.objectives)
-        return self.goal()
+        """THE metric a search of this objective optimizes and its direction (its objective class's:
+        ``job.kinds.objective``); the ranking and the champion follow it through job.json."""
+        cls = OBJECTIVES[self.kind]
+        return cls.metric, cls.mode
 
 
 @dataclass
@@ -170,6 +164,14 @@ class Job:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     resume: bool = False
+    # the TOML tables it was read from (flags applied): job.json records them, RunDir.job reads them back
+    tables: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @cached_property
+    def kinds(self) -> Kinds:
+        """The job's objective, strategy, scheduler, sampler and data source as typed records, parsed once
+        (:mod:`pctune.search.kinds`)."""
+        return read_kinds(self, self.source)
 
     @property
     def run_dir(self) -> Path:
@@ -237,34 +239,10 @@ def job_from_mapping(data: Mapping[str, Any], source: str = "<job>", name: str =
         run=_run(tables["run"], source),
         tracking=read_table(TrackingConfig, tables["tracking"], source, "tracking"),
         promotion=_promotion(tables["promotion"], source),
+        tables=copy.deepcopy(dict(data)),
     )
-    if job.data.source == "digits" and job.data.path:
-        raise PctuneError(f"{source}: data.path: the digits source has its own images and reads no folder "
-                          f"({job.data.path}); set data.source = \"imagenet-val\" to search on a folder")
-    if job.data.source == "imagenet-val" and not job.data.path:
-        raise PctuneError(f"{source}: data.path: the ImageNet validation folder is required "
-                          "(or pass --data PATH)")
-    _check_robust_search(job, source)
-    check_cam_objective(job, source)
+    check_compatible(job, source)  # parses job.kinds
     return job
-
-
-def _check_robust_search(job: Job, source: str) -> None:
-    """What a robust objective asks of the search: Pareto needs every trial scored on every image
-    (schedulers rank one metric) and a sampler that handles several objectives; constraints need a
-    sampler that takes them; HyperBand's checkpoints hold one condition's running sums."""
-    robust = job.objective.robust(source)
-    if robust is None:
-        return
-    search = job.search
-    if search.scheduler == "hyperband":
-        raise error(source, "search.scheduler", "'hyperband' works with a single condition; use 'asha' or 'fifo'")
-    if robust.combine == "pareto" and search.scheduler != "fifo":
-        raise error(source, "search.scheduler", "combine = 'pareto' needs 'fifo' (early stopping ranks one metric)")
-    if robust.combine == "pareto" and search.sampler not in MULTI_OBJECTIVE:
-        raise error(source, "search.sampler", f"combine = 'pareto' needs one of {', '.join(MULTI_OBJECTIVE)}")
-    if robust.constraints and search.sampler not in CONSTRAINED:
-        raise error(source, "search.sampler", f"constraints need one of {', '.join(CONSTRAINED)}")
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -335,7 +313,7 @@ def _search(table: Any, source: str) -> SearchConfig:
     for i, point in enumerate(cfg.starting_points, start=1):
         if not isinstance(point, str | Mapping):
             raise error(source, f"search.starting_points[{i}]", f"expected a preset name or a table, got {point!r}")
-    check_grid_search(cfg, table, source)
+    STRATEGIES[cfg.strategy].check_search(cfg, table, source)
     return cfg
 
 

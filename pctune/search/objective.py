@@ -16,17 +16,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from pctune.metrics import METRIC, MODE, at_timestep, recon_error  # noqa: F401 (MODE: re-exported)
 from pctune.models.registry import output_classes
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
-
-METRIC = "mean_ce"
-MODE = "min"
-#: ``objective.kind`` -> (the metric a search of it optimizes, "min" | "max"): the paper's cross-entropy,
-#: or the Grad-CAM IoU against object masks (:mod:`pctune.search.cam`)
-OBJECTIVES = {"cross_entropy": (METRIC, MODE), "cam_iou": ("cam_iou", "max")}
-#: ``objective.cam_timesteps``: the IoU at t = T, or its mean over t = 1..T
-CAM_TIMESTEPS = ("last", "mean")
 
 #: ``starts(index, x)``: the precomputed timestep 0 of the batch of ``x`` starting at image ``index``, or None.
 StartFn = Callable[[int, Tensor], object | None]
@@ -195,10 +188,10 @@ def _metrics(ce_sum: Tensor, correct: Tensor, recon: Tensor, counts: Tensor, tim
     if not diverged and mean_ce >= penalty:  # finite but exploding logits: a failed point too
         diverged = True
     metrics = {METRIC: penalty if diverged else mean_ce, "diverged": float(diverged)}
-    metrics.update({f"ce_t{t}": float(v) for t, v in enumerate(ce)})
-    metrics.update({f"accuracy_t{t}": float(v) for t, v in enumerate(acc)})
-    metrics.update({f"recon_error_pc{n}": float(v) for n, v in enumerate(errors, start=1)})
-    metrics.update({f"recon_error_pc{n}_t{t}": float(per_t[t, n - 1]) for n in range(1, len(errors) + 1)
+    metrics.update({at_timestep("ce", t): float(v) for t, v in enumerate(ce)})
+    metrics.update({at_timestep("accuracy", t): float(v) for t, v in enumerate(acc)})
+    metrics.update({recon_error(n): float(v) for n, v in enumerate(errors, start=1)})
+    metrics.update({at_timestep(recon_error(n), t): float(per_t[t, n - 1]) for n in range(1, len(errors) + 1)
                     for t in range(timesteps + 1)})
     metrics["num_images"] = float(seen)
     metrics["eval_seconds"] = time.perf_counter() - start

@@ -9,10 +9,10 @@ from pathlib import Path
 from pctune import localray
 from pctune.errors import PctuneError
 from pctune.search.job import Job
-from pctune.search.prepare import Log, _print
+from pctune.utils import Log, print_line
 
 
-def connect(address: str | None, log: Log = _print) -> None:
+def connect(address: str | None, log: Log = print_line) -> None:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray; reuse a Ray that
     this process already initialized."""
     import ray
@@ -31,7 +31,7 @@ def connect(address: str | None, log: Log = _print) -> None:
     log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
 
-def check_resources(job: Job, log: Log = _print) -> None:
+def check_resources(job: Job, log: Log = print_line) -> None:
     """A trial that asks for more than the cluster has would wait forever: an error on a local Ray, a
     warning on a cluster (which may scale up). A local Ray's resources are this machine's, known before
     Ray starts (so a refused search starts no Ray); a cluster's are asked of Ray, after connecting."""

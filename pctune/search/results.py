@@ -5,35 +5,31 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 
 from pctune.errors import PctuneError
+from pctune.metrics import METRIC, MODE, at_timestep, is_condition_score
 from pctune.pc.hyperparameters import Hyperparameters
-from pctune.search.grid import GRID_STRATEGY
 from pctune.search.job import Job
-from pctune.search.objective import METRIC, MODE
 from pctune.search.rundir import BEST, LEADERBOARD, Entry, RunDir, front_members, load_trials, rank
+from pctune.search.strategies import strategy
+from pctune.utils import Log, print_line
 
 __all__ = ["best_toml", "leaderboard", "load_trials", "row_hparams", "summary_table", "write_results"]
 
 
-#: the cam_iou objective's columns, first when present (:mod:`pctune.search.cam`)
-_CAM_COLUMNS = ("cam_iou", "cam_iou_t0", "cam_iou_rel")
-
-
-def _row(entry: Entry, timesteps: int) -> dict[str, Any]:
+def _row(entry: Entry, timesteps: int, columns: tuple[str, ...] = ()) -> dict[str, Any]:
     metrics = entry.metrics
-    cam = {k: float(metrics[k]) for k in _CAM_COLUMNS if k in metrics}
-    row = {"kind": entry.kind, "name": entry.name, **cam, METRIC: metrics.get(METRIC, math.nan),
-           "acc_t0": metrics.get("accuracy_t0", math.nan),
-           f"acc_t{timesteps}": metrics.get(f"accuracy_t{timesteps}", math.nan),
-           "ce_t0": metrics.get("ce_t0", math.nan), "diverged": entry.diverged,
+    own = {k: float(metrics[k]) for k in columns if k in metrics}  # the objective's columns, first
+    row = {"kind": entry.kind, "name": entry.name, **own, METRIC: metrics.get(METRIC, math.nan),
+           "acc_t0": metrics.get(at_timestep("accuracy", 0), math.nan),
+           f"acc_t{timesteps}": metrics.get(at_timestep("accuracy", timesteps), math.nan),
+           "ce_t0": metrics.get(at_timestep("ce", 0), math.nan), "diverged": entry.diverged,
            "num_images": int(metrics.get("num_images", 0)), "stopped_early": not entry.full_fidelity}
     # a robust objective: each condition's mean CE, and whether the constraints hold
-    row.update({k: float(v) for k, v in metrics.items() if k.startswith("mean_ce_")})
+    row.update({k: float(v) for k, v in metrics.items() if is_condition_score(k)})
     if "feasible" in metrics:
         row["feasible"] = bool(metrics["feasible"])
     row.update(entry.params)
@@ -49,11 +45,12 @@ def leaderboard(job: Job) -> pd.DataFrame:
     diverged points and trials stopped early, which never win)."""
     run_dir = RunDir(job.run_dir)
     run_dir.require_search(job.name)
-    return _leaderboard(run_dir.entries(), run_dir.timesteps, run_dir.front(), run_dir.goal())
+    columns = run_dir.job(job).kinds.objective.columns()
+    return _leaderboard(run_dir.entries(), run_dir.timesteps, run_dir.front(), run_dir.goal(), columns)
 
 
 def _leaderboard(entries: list[Entry], timesteps: int, front: list[str] | None = None,
-                 goal: tuple[str, str] = (METRIC, MODE)) -> pd.DataFrame:
+                 goal: tuple[str, str] = (METRIC, MODE), columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """Entries by score, best first (a Pareto search: its ranking first, the front marked), stopped ones last."""
     ranking = rank(entries, front or (), goal)
     ranked = {id(e): i for i, e in enumerate(ranking, start=1)}
@@ -61,8 +58,8 @@ def _leaderboard(entries: list[Entry], timesteps: int, front: list[str] | None =
     order = sorted(entries, key=lambda e: (not e.full_fidelity, ranked.get(id(e), math.inf) if front else 0,
                                            sign * e.score(metric) if math.isfinite(e.score(metric)) else math.inf))
     on_front = front_members(entries, front or ())
-    rows = [{"rank": ranked.get(id(e)), **_row(e, timesteps), **({"pareto_front": id(e) in on_front} if front else {})}
-            for e in order]
+    rows = [{"rank": ranked.get(id(e)), **_row(e, timesteps, columns),
+             **({"pareto_front": id(e) in on_front} if front else {})} for e in order]
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
@@ -76,11 +73,9 @@ def row_hparams(row: pd.Series) -> Hyperparameters:
 
 
 def best_toml(job: Job, best: Entry, model: str) -> str:
-    robust = job.objective.robust(job.source)
-    metric = job.objective.goal()[0]
-    scored = (f"chosen by the rule: {robust.champion_rule()}" if robust else
-              "mean cross-entropy over t = 1..T on the noisy subset; lower is better" if metric == METRIC else
-              f"Grad-CAM IoU against the object masks, {_cam_when(job)}, on the noisy subset; higher is better")
+    """best.toml of ``job``'s search (the job as the search ran it: :meth:`RunDir.job`)."""
+    objective = job.kinds.objective
+    metric, scored = objective.metric, objective.describe()
     header = [f"# Best hyperparameters of search job {job.name!r} ({best.kind} {best.name}):",
               f"# {metric} = {best.score(metric):.6g} ({scored}).",
               "# Load with Hyperparameters.from_mapping(tomllib.load(f)).",
@@ -88,11 +83,7 @@ def best_toml(job: Job, best: Entry, model: str) -> str:
     return "\n".join(header) + best.hparams.to_toml()
 
 
-def _cam_when(job: Job) -> str:
-    return "at t = T" if job.objective.cam_timesteps == "last" else "averaged over t = 1..T"
-
-
-def summary_table(frame: pd.DataFrame, timesteps: int) -> pd.DataFrame:
+def summary_table(frame: pd.DataFrame, timesteps: int, columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """best / default / feedforward side by side (the demo's final table)."""
     rows = []
     ranked = frame[frame["rank"].notna()]
@@ -103,7 +94,7 @@ def summary_table(frame: pd.DataFrame, timesteps: int) -> pd.DataFrame:
         match = refs[refs["name"] == name]
         if not match.empty:
             rows.append((f"{name} (reference)", match.iloc[0]))
-    cols = [*(c for c in _CAM_COLUMNS if c in frame), METRIC, "ce_t0", "acc_t0", f"acc_t{timesteps}"]
+    cols = [*(c for c in columns if c in frame), METRIC, "ce_t0", "acc_t0", f"acc_t{timesteps}"]
     return pd.DataFrame([{"configuration": label, **{c: r[c] for c in cols}} for label, r in rows])
 
 
@@ -116,7 +107,7 @@ def _another_writer(run_dir: RunDir) -> str | None:
     return None if owner is None else describe(owner)
 
 
-def write_results(job: Job, log: Callable[[str], None] = print, top: int | None = 20) -> dict[str, Any]:
+def write_results(job: Job, log: Log = print_line, top: int | None = 20) -> dict[str, Any]:
     """Print the leaderboard and the summary, write ``leaderboard.csv`` and ``best.toml``."""
     run_dir = RunDir(job.run_dir)
     run_dir.require_search(job.name)
@@ -124,7 +115,9 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
     timesteps = int(record["job"]["objective"]["timesteps"])
     entries = run_dir.entries()  # read once: the leaderboard and the best come from the same entries
     front, goal = run_dir.front(), run_dir.goal()
-    frame = _leaderboard(entries, timesteps, front, goal)
+    searched = run_dir.job(job)  # the job as the search ran it (an older run directory: the job given)
+    columns = searched.kinds.objective.columns()
+    frame = _leaderboard(entries, timesteps, front, goal, columns)
     if frame.empty:
         raise PctuneError(f"{run_dir.path}: no finished trials yet")
     busy = _another_writer(run_dir)
@@ -137,7 +130,7 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
         log(f"leaderboard of {job.name} ({trials} trials{f', {stopped} stopped early' if stopped else ''}; "
             f"top {len(shown)}):")
         log(shown.drop(columns=["trial_id"], errors="ignore").to_string(index=False))
-        summary = summary_table(frame, timesteps)
+        summary = summary_table(frame, timesteps, columns)
         objective = record["job"]["objective"]
         condition = (f"condition {objective['conditions'][0]['name']!r}" if objective.get("conditions")
                      else f"noisy images, sigma = {objective['sigma']}")
@@ -151,7 +144,7 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
             "constraint")
     else:
         if busy is None:
-            run_dir.write_text(BEST, best_toml(job, best, record["model"]))
+            run_dir.write_text(BEST, best_toml(searched, best, record["model"]))
         log("\nbest configuration:")
         for n, (b, lam, a) in enumerate(best.hparams.triples(), start=1):
             log(f"  pcoder{n}: beta={b:.4f} lambda={lam:.4f} alpha={a:.4g}")
@@ -161,8 +154,8 @@ def write_results(job: Job, log: Callable[[str], None] = print, top: int | None 
                    best_key=best.key)
     refs = frame[frame["kind"] == "reference"].set_index("name")[goal[0]].to_dict()
     out["references"] = {k: float(v) for k, v in refs.items()}
-    if record.get("strategy") == GRID_STRATEGY and busy is None:
+    if strategy(record.get("strategy")).exhaustive and busy is None:  # a sweep: its table and heatmaps
         from pctune.search.sweep import write_sweep
 
-        out["sweep"] = [str(p) for p in write_sweep(run_dir, log)]
+        out["sweep"] = [str(p) for p in write_sweep(run_dir, searched.kinds.objective, log)]
     return out

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from pctune.errors import PctuneError
+from pctune.metrics import METRIC, MODE, of_condition
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.search import manifest
 from pctune.search.conditions import pareto_front
 from pctune.search.manifest import MARKER  # noqa: F401 (re-exported: where it was defined before)
-from pctune.search.objective import METRIC, MODE
 from pctune.search.trials import (  # noqa: F401 (re-exported: where they were defined before)
     Trial,
     early_stops_path,
@@ -152,10 +152,25 @@ class RunDir:
         return int(self.job_record()["job"]["objective"]["timesteps"])
 
     def goal(self) -> tuple[str, str]:
-        """The metric the search optimized and its direction, as its job.json records them
-        (``ObjectiveConfig.goal``; searches from before ``cam_iou``: ``("mean_ce", "min")``)."""
+        """The metric the search optimized and its direction, as its job.json records them (the job's
+        objective's; searches from before ``cam_iou``: ``("mean_ce", "min")``)."""
         record = self.job_record()
         return str(record.get("metric", METRIC)), str(record.get("mode", MODE))
+
+    def job(self, fallback=None):
+        """The typed job as the search ran it (:class:`pctune.search.job.Job`, read back from the tables
+        job.json records), or ``fallback`` for a run directory of an older pctune that records none, or
+        whose job this process cannot read back (an objective registered by another program, say)."""
+        from pctune.search.job import job_from_mapping
+
+        record = self.job_record()
+        if not isinstance(record.get("tables"), dict) or not record["tables"]:
+            return fallback
+        try:
+            return job_from_mapping(record["tables"], source=str(record.get("source", self.path / JOB)),
+                                    name=str(record.get("name", self.path.name)))
+        except PctuneError:
+            return fallback
 
     # -- the search's state ----------------------------------------------------------------------------
     def record_search_state(self, state: str, expected_trials: int) -> None:
@@ -171,9 +186,12 @@ class RunDir:
         state = self.read_json(SEARCH_STATE) or {}
         if "expected_trials" in state:
             return ended, int(state["expected_trials"])
+        from pctune.search.strategies import strategy
+
         record = self.job_record()
-        stages = 1 if record.get("strategy", "joint") == "joint" else int(record.get("num_pcoders", 1))
-        if record.get("strategy") == "single-pcoder-grid":
+        planned = strategy(record.get("strategy"))
+        stages = int(record.get("num_pcoders", 1)) if planned.per_pcoder else 1
+        if not planned.uses_num_samples:  # a grid: the points on disk, a stage not started counts one
             return ended, sum(len(self.trials(s)) for s in self.stages()) + stages - min(stages, len(self.stages()))
         return ended, stages * int(record.get("job", {}).get("search", {}).get("num_samples", 0))
 
@@ -183,9 +201,11 @@ class RunDir:
         state = self.read_json(SEARCH_STATE)
         if state is not None:
             return state.get("state") == "finished"
+        from pctune.search.strategies import strategy
+
         ended, expected = self.search_progress()
-        per_pcoder = self.job_record().get("strategy") == "per-pcoder"
-        return ended >= expected > 0 and (not per_pcoder or (self.path / COMBINATION).is_file())
+        combines = strategy(self.job_record().get("strategy")).combines
+        return ended >= expected > 0 and (not combines or (self.path / COMBINATION).is_file())
 
     # -- files ----------------------------------------------------------------------------------------
     def read_json(self, name: str, kind: type | None = None) -> Any:
@@ -261,11 +281,15 @@ class RunDir:
         return rank(self.entries(stage), self.front(), self.goal())
 
     def front(self) -> list[str]:
-        """The objectives of a Pareto search (``mean_ce_<condition>``), else none."""
-        objective = self.job_record().get("job", {}).get("objective", {})
+        """The objectives of a Pareto search (``mean_ce_<condition>``), else none: as job.json records
+        them (a run directory of an older pctune: from its objective's ``combine`` and ``pareto``)."""
+        record = self.job_record()
+        if "front" in record:
+            return list(record["front"])
+        objective = record.get("job", {}).get("objective", {})
         if objective.get("combine") != "pareto":
             return []
-        return [f"mean_ce_{name}" for name in objective.get("pareto", [])]
+        return [of_condition(METRIC, name) for name in objective.get("pareto", [])]
 
     def best(self, stage: str | None = None) -> Entry | None:
         return next(iter(self.ranking(stage)), None)

@@ -29,17 +29,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pctune.errors import PctuneError
+from pctune.utils import Log, print_line
 
 LOCK = ".pctune-lock"
 HEARTBEAT_S = float(os.environ.get("PCTUNE_LOCK_HEARTBEAT_S", "30"))
 STALE_S = float(os.environ.get("PCTUNE_LOCK_STALE_S", "600"))
 
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -63,7 +63,7 @@ def lock_path(run_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path, command: str, log: Log = print) -> Iterator[Held]:
+def run_lock(run_dir: str | Path, command: str, log: Log = print_line) -> Iterator[Held]:
     """Hold the lock of ``run_dir`` (creating the folder if needed) for the block; ``command`` is what
     a second writer is told is running (e.g. "pctune search demo")."""
     held = acquire(Path(run_dir), command, log)
@@ -73,7 +73,7 @@ def run_lock(run_dir: str | Path, command: str, log: Log = print) -> Iterator[He
         release(held)
 
 
-def acquire(run_dir: Path, command: str, log: Log = print) -> Held:
+def acquire(run_dir: Path, command: str, log: Log = print_line) -> Held:
     """Take the lock (or, held by this process already, count one more hold); PctuneError naming the
     owner when another live process holds it."""
     run_dir = run_dir.resolve()

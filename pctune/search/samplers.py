@@ -15,6 +15,10 @@ from pctune.errors import PctuneError
 class SamplerKind(NamedTuple):
     description: str
     factory: Callable[[int, int], Any]  # (seed, concurrent trials) -> an Optuna sampler
+    # learns from constraint values (Optuna's Trial.set_constraint): objective.combine = "constraints"
+    constraints: bool = False
+    # searches several objectives at once: objective.combine = "pareto"
+    multi_objective: bool = False
 
 
 def _tpe(seed: int, concurrent: int):
@@ -56,19 +60,20 @@ def _nsga2(seed: int, concurrent: int):
 
 #: sampler name -> what it is and how to make it; in the order the documentation and errors list them
 SAMPLERS: dict[str, SamplerKind] = {
-    "tpe": SamplerKind("multivariate tree-structured Parzen estimator (constant liar when trials run at once)", _tpe),
+    "tpe": SamplerKind("multivariate tree-structured Parzen estimator (constant liar when trials run at once)", _tpe,
+                       constraints=True, multi_objective=True),
     "tpe-mf": SamplerKind("multi-fidelity TPE for asha/hyperband searches: models the largest number of images "
                           "seen that enough trials reached (after BOHB)", _tpe_mf),
     "cmaes": SamplerKind("CMA evolution strategy (needs the cmaes package)", _cmaes),
-    "gp": SamplerKind("Gaussian-process Bayesian optimization", _gp),
+    "gp": SamplerKind("Gaussian-process Bayesian optimization", _gp, constraints=True),
     "random": SamplerKind("independent uniform sampling", _random),
-    "nsga2": SamplerKind("NSGA-II genetic algorithm (for Pareto searches)", _nsga2),
+    "nsga2": SamplerKind("NSGA-II genetic algorithm (for Pareto searches)", _nsga2, constraints=True,
+                         multi_objective=True),
 }
-#: samplers that learn from constraint values (Optuna's Trial.set_constraint) / that search several
-#: objectives at once (objective.combine = "constraints" / "pareto"); tpe-mf is in neither (it falls
-#: back to plain TPE on such studies, so job validation refuses it there)
-CONSTRAINED = ("tpe", "gp", "nsga2")
-MULTI_OBJECTIVE = ("tpe", "nsga2")
+#: samplers that learn from constraint values / that search several objectives at once; tpe-mf is in
+#: neither (it falls back to plain TPE on such studies, so job validation refuses it there)
+CONSTRAINED = tuple(name for name, kind in SAMPLERS.items() if kind.constraints)
+MULTI_OBJECTIVE = tuple(name for name, kind in SAMPLERS.items() if kind.multi_objective)
 
 
 def make_sampler(name: str, seed: int, concurrent: int, source: str = "<job>"):

@@ -24,17 +24,47 @@ paused or running are rerun from their checkpoints or from the start; finished o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, HyperBandForBOHB
 from ray.tune.search.optuna import OptunaSearch
 
-from pctune.search.objective import METRIC, MODE
-from pctune.search.rundir import load_trials
+from pctune.metrics import FIDELITY, METRIC, MODE
+from pctune.search.trials import load_trials, read_results
+from pctune.utils import Log, print_line
 
-SCHEDULERS = ("fifo", "asha", "hyperband")
-FIDELITY = "num_images"  # the reported key the schedulers read as time
+
+@dataclass(frozen=True)
+class SchedulerKind:
+    """One ``search.scheduler``: what it does to trials, as fields that the job's validator and the
+    driver look up (nothing outside this module compares a scheduler's name)."""
+
+    name: str
+    description: str
+    stops_early: bool  # trials report at rungs and may stop before their last image (ranks one running metric)
+    pauses_trials: bool  # pauses trials and resumes them from checkpoints of their running sums
+
+    @property
+    def checkpoints(self) -> bool:
+        """Trials save their running sums with every report (a paused trial resumes from them)."""
+        return self.pauses_trials
+
+    @property
+    def limits_concurrency(self) -> bool:
+        """Tune's ``max_concurrent_trials`` applies. Paused trials would hold its slots and HyperBand's
+        brackets wait for them forever, so there the cluster's resources alone limit concurrency."""
+        return not self.pauses_trials
+
+
+#: scheduler name -> its record; in the order the documentation and errors list them
+SCHEDULERS: dict[str, SchedulerKind] = {
+    "fifo": SchedulerKind("fifo", "every trial scores every image (the paper's procedure)", False, False),
+    "asha": SchedulerKind("asha", "asynchronous successive halving over images seen", True, False),
+    "hyperband": SchedulerKind("hyperband", "HyperBand brackets (BOHB); paused trials resume from checkpoints",
+                               True, True),
+}
 
 
 def grace_images(total: int, grace: int | None, reduction_factor: float) -> int:
@@ -47,8 +77,8 @@ def grace_images(total: int, grace: int | None, reduction_factor: float) -> int:
 
 def report_points(total: int, scheduler: str, grace: int | None, reduction_factor: float) -> list[int]:
     """The numbers of images seen at which a trial reports: the rungs ``grace x rf^k`` below ``total``,
-    then ``total``; with ``"fifo"`` just ``total``."""
-    if scheduler == "fifo":
+    then ``total``; for a scheduler that never stops trials early just ``total``."""
+    if not SCHEDULERS[scheduler].stops_early:
         return [total]
     first = grace_images(total, grace, reduction_factor)
     points, rung = [], float(first)
@@ -61,38 +91,43 @@ def report_points(total: int, scheduler: str, grace: int | None, reduction_facto
 def make_scheduler(scheduler: str, exp_dir: Path, total: int, grace: int | None, reduction_factor: float,
                    metric: str = METRIC, mode: str = MODE):
     """Ray Tune's trial scheduler for ``scheduler`` (None for "fifo": Tune's default), ranking ``metric``."""
-    if scheduler == "fifo":
+    kind = SCHEDULERS[scheduler]
+    if not kind.stops_early:
         return None
     first = grace_images(total, grace, reduction_factor)
-    if scheduler == "asha":
-        return FidelityASHA(exp_dir, total, first, reduction_factor, metric, mode)
-    return FidelityHyperBand(exp_dir, total, first, reduction_factor, metric, mode)
+    cls = FidelityHyperBand if kind.pauses_trials else FidelityASHA
+    return cls(exp_dir, total, first, reduction_factor, metric, mode)
 
 
 class FidelityASHA(AsyncHyperBandScheduler):
-    """ASHA over images seen that, on resume, rebuilds its rungs from the finished trials."""
+    """ASHA over images seen that, on resume, rebuilds its rungs from the finished trials (and says so
+    through ``log``, which Tune pickles with the scheduler: a module-level function, as the default)."""
+
+    log: Log = staticmethod(print_line)  # for a scheduler restored from a state pickled before it had a log
 
     def __init__(self, exp_dir: Path, total: int, grace: int, reduction_factor: float, metric: str = METRIC,
-                 mode: str = MODE) -> None:
+                 mode: str = MODE, log: Log = print_line) -> None:
         super().__init__(time_attr=FIDELITY, metric=metric, mode=mode, max_t=total, grace_period=grace,
                          reduction_factor=reduction_factor, brackets=1)
-        self.exp_dir = str(exp_dir)
+        self.exp_dir, self.log = str(exp_dir), log
         self.seeded = False
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self.seeded:
             self.seeded = True
             if rebuilt := self.seed_rungs():
-                print(f"[{Path(self.exp_dir).name}] ASHA rungs rebuilt from the {rebuilt} trials that had finished",
-                      flush=True)
+                self.log(f"[{Path(self.exp_dir).name}] ASHA rungs rebuilt from the {rebuilt} trials that had "
+                         "finished")
         super().on_trial_add(tune_controller, trial)
 
     def seed_rungs(self) -> int:
         """Record the curves of the trials that finished in an earlier session; returns how many."""
         finished = [t for t in load_trials(self.exp_dir) if t.finished]
-        for trial in finished:
-            for images, value in trial.curve:
-                self._brackets[0].on_result(SimpleNamespace(trial_id=trial.trial_id), images, self._metric_op * value)
+        for trial in finished:  # each report's value of the metric this scheduler ranks (the objective's)
+            for result in read_results(Path(self.exp_dir) / trial.folder / "result.json"):
+                if self._metric in result and FIDELITY in result:
+                    self._brackets[0].on_result(SimpleNamespace(trial_id=trial.trial_id), result[FIDELITY],
+                                                self._metric_op * result[self._metric])
         return len(finished)
 
     def rung_sizes(self) -> dict[float, int]:

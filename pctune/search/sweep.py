@@ -11,43 +11,31 @@ Written into the run directory as ``sweep.csv`` and ``sweep.png`` by :func:`writ
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pctune.search.rundir import SWEEP_CSV, SWEEP_PNG, RunDir
-from pctune.utils import pyplot, save_figure
-
-#: the objective's metric -> its value at timestep 0 (the feedforward pass, the same for every point)
-_AT_T0 = {"cam_iou": "cam_iou_t0", "mean_ce": "ce_t0"}
+from pctune.utils import Log, print_line, pyplot, save_figure
 
 
-def sweep_table(run_dir: RunDir) -> pd.DataFrame:
+def sweep_table(run_dir: RunDir, objective) -> pd.DataFrame:
     """Every finished grid point: ``pcoder``, the swept pcoder's ``beta``, ``lambda``, ``alpha``, the
     objective, its value at t = 0, ``relative_t0`` (their ratio; NaN for a diverged point), ``mean_ce``,
     ``diverged`` and ``trial_id``."""
-    metric = run_dir.goal()[0]
+    metric, at_t0 = objective.metric, objective.at_t0()
     rows = []
     for stage, trial in run_dir.finished_trials():
         n = int(stage[len("pcoder"):])
-        value, first = (float(trial.metrics.get(k, math.nan)) for k in (metric, _AT_T0[metric]))
+        value, first = (float(trial.metrics.get(k, math.nan)) if k else math.nan for k in (metric, at_t0))
         diverged = bool(trial.metrics.get("diverged", 0))
         rows.append({"pcoder": n, **{k: float(trial.config[f"pcoder{n}.{k}"]) for k in ("beta", "lambda", "alpha")},
-                     metric: value, _AT_T0[metric]: first,
+                     metric: value, **({at_t0: first} if at_t0 else {}),
                      "relative_t0": math.nan if diverged or not first else value / first,
                      "mean_ce": float(trial.metrics.get("mean_ce", math.nan)), "diverged": diverged,
                      "trial_id": trial.trial_id})
     return pd.DataFrame(rows).sort_values(["pcoder", "lambda", "beta"], ignore_index=True) if rows else pd.DataFrame()
-
-
-def value_label(run_dir: RunDir) -> str:
-    """What ``relative_t0`` is, in the study's terms."""
-    objective = run_dir.job_record()["job"]["objective"]
-    if run_dir.goal()[0] == "mean_ce":
-        return "mean CE(1..T) / CE(0)"
-    return "IoU(T) / IoU(0)" if objective.get("cam_timesteps", "last") == "last" else "mean IoU(1..T) / IoU(0)"
 
 
 def relative_grids(table: pd.DataFrame) -> dict[int, pd.DataFrame]:
@@ -89,13 +77,14 @@ def plot_sweep(table: pd.DataFrame, label: str, title: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_sweep(run_dir: RunDir, log: Callable[[str], None] = print) -> list[Path]:
-    """``sweep.csv`` and ``sweep.png`` in the run directory, and the grids printed; the paths written."""
-    table = sweep_table(run_dir)
+def write_sweep(run_dir: RunDir, objective, log: Log = print_line) -> list[Path]:
+    """``sweep.csv`` and ``sweep.png`` in the run directory (``objective``: the search's,
+    ``job.kinds.objective``), and the grids printed; the paths written."""
+    table = sweep_table(run_dir, objective)
     if table.empty:
         return []
     table.to_csv(run_dir.register(SWEEP_CSV), index=False)
-    label = value_label(run_dir)
+    label = objective.relative_label()
     sigma = run_dir.job_record()["job"]["objective"]["sigma"]
     title = f"{label}, one pcoder at a time (the others feedforward); sigma = {sigma:g}, T = {run_dir.timesteps}"
     log(f"\n{label} per grid point (rows beta, columns lambda; the other pcoders feedforward):")

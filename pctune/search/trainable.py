@@ -24,9 +24,8 @@ from pctune.models.registry import output_classes
 from pctune.models.spec import ModelSpec
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
-from pctune.search.cam import CamObjective, cam_metrics
-from pctune.search.conditions import RobustObjective, lockstep
 from pctune.search.objective import RunningSums, default_penalty, score_chunks
+from pctune.search.objectives import CrossEntropy, Objective, TrialContext
 from pctune.search.space import hparams_from_config
 from pctune.search.t0cache import CACHE
 
@@ -49,11 +48,10 @@ class TrialPayload:
     timesteps: int
     batch_size: int
     penalty: float | None = None
+    objective: Objective = field(default_factory=CrossEntropy)  # how a trial scores (job.kinds.objective)
     report_at: tuple[int, ...] = ()  # images seen at which a trial reports (pctune.search.schedulers)
     checkpoint: bool = False  # save the running sums with every report (a paused trial resumes from them)
     cache_gb: float = 0.0  # per worker: timestep-0 results kept for later trials (pctune.search.t0cache)
-    robust: RobustObjective | None = None  # several conditions (data_ref then holds "images/<name>")
-    cam: CamObjective | None = None  # objective.kind = "cam_iou" (data_ref then holds "objects", "valid")
     # On resume: results of trials that finished just before the driver died but that the saved
     # experiment state still lists as running. Tune reruns those; they replay their result instead.
     replay: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -151,16 +149,8 @@ def evaluate_chunks(setup: TrialPayload, hparams: Hyperparameters,
                             batch_size=setup.batch_size, report_at=setup.report_at, penalty=setup.penalty,
                             starts=starts, sums=sums_)
 
-    if setup.robust is None:
-        results = stream("images", setup.timesteps, sums)
-    else:
-        penalty = setup.penalty if setup.penalty is not None else default_penalty(output_classes(net))
-        results = lockstep(setup.robust, {c.name: stream(f"images/{c.name}", c.timesteps)
-                                          for c in setup.robust.conditions}, penalty)
-    for metrics in results:
-        if setup.cam is not None and metrics["final"]:
-            metrics.update(cam_metrics(net, hparams, data, setup.cam, setup.timesteps, setup.batch_size,
-                                       bool(metrics["diverged"])))
+    penalty = setup.penalty if setup.penalty is not None else default_penalty(output_classes(net))
+    for metrics in setup.objective.scores(TrialContext(net, data, hparams, penalty, stream), sums):
         metrics["model_loads"] = float(STATS["model_loads"])
         metrics["gpu"] = float(device.type == "cuda")
         metrics["t0_cached"] = float(counter["cached"])  # images whose timestep 0 came from the cache

@@ -5,6 +5,7 @@ results and the record of the trials a scheduler stopped early. The run director
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,22 +45,26 @@ def is_final(metrics: dict[str, Any]) -> bool:
 
 
 def load_trials(exp_dir: str | Path) -> list[Trial]:
-    """Every trial of one Tune experiment folder, in creation order."""
+    """Every trial of one Tune experiment folder, in creation order: its trial folders, and the trials
+    whose results pctune's own record holds (:func:`read_result_log`)."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         return []
-    stopped = read_early_stops(exp_dir)
-    trials = [_read_trial(folder, stopped) for folder in exp_dir.iterdir()
-              if folder.is_dir() and (folder / "params.json").is_file()]
+    stopped, logged = read_early_stops(exp_dir), read_result_log(exp_dir)
+    folders = {f.name for f in exp_dir.iterdir() if f.is_dir() and (f / "params.json").is_file()} | set(logged)
+    trials = [_read_trial(exp_dir / name, stopped, logged.get(name, [])) for name in folders]
     return sorted((t for t in trials if t is not None), key=lambda t: (t.index, t.folder))
 
 
-def _read_trial(folder: Path, stopped: dict[str, int]) -> Trial | None:
-    try:
-        config = json.loads((folder / "params.json").read_text())
-    except ValueError:  # a params.json the killed driver left empty: the trial never started
-        return None
+def _read_trial(folder: Path, stopped: dict[str, int], logged: list[dict]) -> Trial | None:
     results = [r for r in read_results(folder / "result.json") if METRIC in r]
+    if logged and (not results or not _complete(results[-1], stopped)) and _complete(logged[-1], stopped):
+        results = logged  # result.json cut short (a driver killed while Tune copied it): pctune's record
+    config = results[-1].get("config") if results and results is logged else None
+    try:
+        config = config if config is not None else json.loads((folder / "params.json").read_text())
+    except (OSError, ValueError):  # a params.json the killed driver left empty: the trial never started
+        return None
     metrics = results[-1] if results else {}
     trial_id = metrics.get("trial_id", folder.name)
     early = bool(metrics) and not is_final(metrics) and trial_id in stopped
@@ -71,6 +76,49 @@ def _read_trial(folder: Path, stopped: dict[str, int]) -> Trial | None:
     curve = tuple((int(r.get("num_images", 0)), float(r[METRIC])) for r in results)
     return Trial(trial_id=trial_id, folder=folder.name, index=int(match.group(1)) if match else -1, status=status,
                  config=config, metrics=metrics, curve=curve, stopped_early=early)
+
+
+def _complete(result: dict, stopped: dict[str, int]) -> bool:
+    """A trial's last result that ends it: final, or one a scheduler stopped it at."""
+    return is_final(result) or result.get("trial_id") in stopped
+
+
+# -- pctune's own record of every result ------------------------------------------------------------------
+def result_log_path(exp_dir: Path) -> Path:
+    return exp_dir.parent / f".{exp_dir.name}.results.jsonl"
+
+
+def append_result(exp_dir: Path, folder: str, result: dict) -> None:
+    """Append one trial result to the stage's record (one ``write`` to an append-only file, done before
+    Tune moves on: a driver killed at any moment leaves every earlier line whole). Tune's own
+    ``result.json`` in the run directory is a copy it rewrites in the background, which a kill can cut
+    short; :func:`load_trials` falls back to this record then."""
+    path = result_log_path(Path(exp_dir))
+    if not path.exists():
+        manifest.register(path.parent, path.name)
+    line = json.dumps({**result, _FOLDER: folder}, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def read_result_log(exp_dir: Path) -> dict[str, list[dict]]:
+    """trial folder -> its results in the stage's record, from its latest start (a trial Tune ran again
+    from the beginning, after a killed driver, starts over at ``training_iteration`` 1)."""
+    found: dict[str, list[dict]] = {}
+    for result in read_results(result_log_path(Path(exp_dir))):
+        folder = result.pop(_FOLDER, None)
+        if not isinstance(folder, str) or METRIC not in result:
+            continue
+        if result.get("training_iteration") == 1:
+            found[folder] = []
+        found.setdefault(folder, []).append(result)
+    return found
+
+
+_FOLDER = "pctune_trial_folder"
 
 
 def read_results(path: Path) -> list[dict]:

@@ -32,15 +32,13 @@ import binascii
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from pctune.errors import PctuneError
 from pctune.search.manifest import register
 from pctune.search.signing import key_id, key_source, sign, state_key, verify
-from pctune.utils import atomic_write_bytes, atomic_write_json
-
-Log = Callable[[str], None]
+from pctune.utils import Log, atomic_write_bytes, atomic_write_json
 
 #: Ray versions whose Tune state files (names and staging folder) this module was checked against.
 TESTED_RAY = ("2.60",)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import math
-import re
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
@@ -26,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from pctune.errors import PctuneError
+from pctune.metrics import FEASIBLE, METRIC, is_scalar_metric, step_metric
 from pctune.pc.hyperparameters import PARAM_PATTERN
 from pctune.utils import chunks, first_line
 
@@ -36,34 +36,26 @@ JOB_TAG = "pctune.job"
 COMPLETE_TAG = "pctune.complete"  # set by a child run's last write
 FEASIBLE_TAG = "pctune.feasible"
 STOPPED_TAG = "pctune.stopped_early"
-# ce_t3, accuracy_t3, a robust objective's ce_noise_t3 / accuracy_clean_t10, recon_error_pc2_t3
-_STEP_METRIC = re.compile(r"^((?:ce|accuracy)(?:_[a-z0-9_]+?)?)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
-# a robust objective's per-condition scores and constraint values (pctune.search.conditions)
-_ROBUST_METRIC = re.compile(r"^(mean_ce_|diverged_|constraint_)[a-z0-9_]+$|^feasible$")
-# the cam_iou objective (objective.kind = "cam_iou"): its score, IoU at the timesteps explained, IoU(T) / IoU(0)
-_CAM_METRIC = re.compile(r"^cam_iou(_t\d+|_rel)?$")
-
-
-def trial_metrics(result: Mapping[str, Any], curve: Iterable[tuple[int, float]] = ()) -> list[tuple[str, float, int]]:
+def trial_metrics(result: Mapping[str, Any], curve: Iterable[tuple[int, float]] = (),
+                  extra: Iterable[str] = ()) -> list[tuple[str, float, int]]:
     """(name, value, step) for a trial's result: ``mean_ce`` at step = images seen (0 when the result
     does not say) and at each (images seen, mean_ce) point of ``curve``, and ``ce_t3`` ->
     (``ce``, value, 3), ``accuracy_t3``, ``recon_error_pc2_t3`` -> (``recon_error_pc2``, value, 3); a
     robust objective's ``ce_clean_t3`` -> (``ce_clean``, value, 3), ``mean_ce_clean``,
     ``constraint_clean_accuracy`` and ``feasible`` at step 0; the ``cam_iou`` objective's ``cam_iou``,
-    ``cam_iou_rel`` and ``cam_iou_t{t}`` at step 0."""
+    ``cam_iou_rel`` and ``cam_iou_t{t}`` at step 0; ``extra``: an objective's own metrics, at step 0
+    (names and their classes: :mod:`pctune.metrics`)."""
     seen = int(result.get("num_images", 0) or 0)
-    metrics = [("mean_ce", float(value), int(step)) for step, value in curve if int(step) != seen]
+    metrics = [(METRIC, float(value), int(step)) for step, value in curve if int(step) != seen]
     for key, value in result.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
             continue
-        match = _STEP_METRIC.match(key)
-        if match:
-            name = match.group(1) or match.group(3)
-            step = int(match.group(2) or match.group(4))
-            metrics.append((name, float(value), step))
-        elif key == "mean_ce":
+        at_step = step_metric(key)
+        if at_step:
+            metrics.append((at_step[0], float(value), at_step[1]))
+        elif key == METRIC:
             metrics.append((key, float(value), seen))
-        elif key in ("diverged", "num_images", "total_images") or _ROBUST_METRIC.match(key) or _CAM_METRIC.match(key):
+        elif is_scalar_metric(key, extra):
             metrics.append((key, float(value), 0))
     return metrics
 
@@ -90,10 +82,11 @@ def git_commit() -> str:
 class SearchTracker:
     """Logs one search to MLflow. Every method is safe to call again after a crash or a resume."""
 
-    def __init__(self, uri: str, experiment: str, search_id: str) -> None:
+    def __init__(self, uri: str, experiment: str, search_id: str, objective_metrics: Iterable[str] = ()) -> None:
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         self.search_id = search_id
+        self.objective_metrics = tuple(objective_metrics)  # an objective's own names, logged at step 0
         try:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(
@@ -151,11 +144,12 @@ class SearchTracker:
         if result.get("diverged"):
             tags["pctune.diverged"] = "true"
         tags[STOPPED_TAG] = "false" if result.get("final", 1.0) else "true"
-        if "feasible" in result:  # a robust objective with constraints
-            tags[FEASIBLE_TAG] = "true" if result["feasible"] else "false"
+        if FEASIBLE in result:  # a robust objective with constraints
+            tags[FEASIBLE_TAG] = "true" if result[FEASIBLE] else "false"
         run = self.client.create_run(self.experiment_id, tags=tags)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v, step in trial_metrics(result, curve) if math.isfinite(v)]
+        metrics = [Metric(k, v, now, step) for k, v, step in trial_metrics(result, curve, self.objective_metrics)
+                   if math.isfinite(v)]
         params = [Param(k, repr(v)) for k, v in trial_params(config).items()]
         log_in_batches(self.client, run.info.run_id, metrics, params)
         self.client.set_terminated(run.info.run_id, "FAILED" if result.get("diverged") else "FINISHED")

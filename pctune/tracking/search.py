@@ -17,7 +17,7 @@ from typing import Any
 from ray import tune
 
 from pctune.tracking.runs import SearchTracker
-from pctune.utils import first_line
+from pctune.utils import Log, first_line
 
 
 class MlflowTrialLogger(tune.Callback):
@@ -27,7 +27,7 @@ class MlflowTrialLogger(tune.Callback):
     ``open_tracker`` is called once, when Tune starts the experiment (after the run directory is in
     place); ``warn`` gets the one-line warning of the first failure."""
 
-    def __init__(self, open_tracker: Callable[[], SearchTracker], warn: Callable[[str], None]) -> None:
+    def __init__(self, open_tracker: Callable[[], SearchTracker], warn: Log) -> None:
         self.open_tracker = open_tracker
         self.warn = warn
         self.tracker: SearchTracker | None = None

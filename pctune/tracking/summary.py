@@ -3,21 +3,21 @@ plots (score over trials, accuracy per timestep, Optuna's hyperparameter importa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
+from pctune.metrics import step_metric
 from pctune.pc.hyperparameters import PARAM_PATTERN
 from pctune.tracking.runs import SearchTracker
 from pctune.utils import pyplot, save_figure
 
-_ACC = re.compile(r"^accuracy_t(\d+)$")
-
 
 def accuracy_curve(result: Mapping) -> list[float]:
-    steps = sorted((int(m.group(1)), float(v)) for k, v in result.items() if (m := _ACC.match(str(k))))
+    """The accuracies ``accuracy_t0``, ``accuracy_t1``, ... of a result, in timestep order."""
+    steps = sorted((step[1], float(v)) for k, v in result.items()
+                   if (step := step_metric(str(k))) and step[0] == "accuracy")
     return [v for _, v in steps]
 
 

@@ -11,12 +11,11 @@ import pandas as pd
 from pctune.tracking.runs import SearchTracker
 from pctune.utils import pyplot, save_figure
 
-#: columns of the table :func:`log_tradeoff` takes
-COLUMNS = ("kind", "name", "x", "y", "feasible", "front")
-
 
 def write_tradeoff(points: pd.DataFrame, axes: tuple[str, str], out: Path) -> list[Path]:
-    """``tradeoff.csv`` (the points, the front first) and ``tradeoff.png`` in ``out``."""
+    """``tradeoff.csv`` (the points, the front first) and ``tradeoff.png`` in ``out``. ``points``: one row
+    per configuration with the columns ``kind``, ``name``, ``x`` and ``y`` (its scores on ``axes``),
+    ``feasible`` and ``front``."""
     out.mkdir(parents=True, exist_ok=True)
     table = points.sort_values(["front", "x"], ascending=[False, True]).rename(columns={"x": axes[0], "y": axes[1]})
     csv = out / "tradeoff.csv"
