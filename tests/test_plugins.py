@@ -116,13 +116,13 @@ class FinalAccuracy(CrossEntropy):
 @pytest.mark.slow
 def test_an_objective_defined_in_a_test_runs_a_real_search(tmp_path, monkeypatch):
     import ray.cloudpickle
+    from helpers import demo_job
     from mlflow import MlflowClient
 
     from pctune.pipeline import search
     from pctune.search.job import load_job
     from pctune.search.objectives import OBJECTIVES
     from pctune.search.rundir import RunDir
-    from tests.helpers import demo_job
 
     monkeypatch.setitem(OBJECTIVES, ACCURACY, FinalAccuracy)  # the one table entry
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get the class by value
@@ -220,3 +220,20 @@ def test_bad_objective_cam_settings_are_one_line_errors(tmp_path, kind, table, m
 
     with pytest.raises(PctuneError, match=message):
         _cam_job(tmp_path, f"\n[objective.cam]\n{table}\n", kind)
+
+
+def test_a_trial_that_reports_no_mean_ce_is_read_back(tmp_path):
+    """The trial contract asks for the fidelity and the objective's own metric, not ``mean_ce``: such a
+    trial's reports are read back (finished, its metric there, no mean_ce curve)."""
+    import json
+
+    from pctune.search.trials import load_trials
+
+    folder = tmp_path / "joint" / "run_trial_1a2b3c4d_00000_0_2026-12-06"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps({"pcoder1.beta": 0.3}))
+    reports = [{"trial_id": "1a2b3c4d", "num_images": n, "total_images": 120, "my_score": s, "diverged": 0.0,
+                "final": float(n == 120)} for n, s in ((40, 0.5), (120, 0.7))]
+    (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in reports))
+    (trial,) = load_trials(tmp_path / "joint")
+    assert (trial.status, trial.metrics["my_score"], trial.curve) == ("TERMINATED", 0.7, ())

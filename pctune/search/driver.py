@@ -1,9 +1,9 @@
 """The search driver: Ray Tune's ``Tuner`` with Optuna as the search algorithm.
 
-``run_search`` prepares the search once (:mod:`pctune.search.prepare`), puts the model and the noisy
-images into Ray's object store, scores the reference points and runs one Tune experiment (strategy
-"joint") or one per pcoder ("per-pcoder", "single-pcoder-grid": :mod:`pctune.search.grid`), writing into the
-run directory (:mod:`pctune.search.rundir`).
+``run_search`` prepares the search once (:mod:`pctune.search.prepare`), puts the model and the arrays
+its objective scores on into Ray's object store, scores the reference points and runs the Tune
+experiments the job's strategy plans (:mod:`pctune.search.strategies`: one for the whole space, or one
+per pcoder), writing into the run directory (:mod:`pctune.search.rundir`).
 ``--resume`` restores every unfinished experiment with ``Tuner.restore`` (finished trials are kept,
 unfinished ones rerun) and skips finished stages.
 """

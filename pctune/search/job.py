@@ -33,7 +33,7 @@ from pctune.search.conditions import RobustObjective, read_robust
 from pctune.search.grid import GridSpec, read_grid
 from pctune.search.kinds import Kinds, check_compatible, read_kinds
 from pctune.search.locate import REPO_ROOT, resolve_job_path, resolve_space_path  # noqa: F401 (re-exported)
-from pctune.search.objectives import CAM_TIMESTEPS, OBJECTIVES
+from pctune.search.objectives import OBJECTIVES
 from pctune.search.overrides import has_dotted, parse_assignment, set_dotted  # noqa: F401 (re-exported)
 from pctune.search.samplers import SAMPLERS
 from pctune.search.schedulers import SCHEDULERS
@@ -285,11 +285,6 @@ def _objective(table: Any, source: str) -> ObjectiveConfig:
     at_least(cfg.sigma, 0, source, "objective.sigma")
     at_least(cfg.timesteps, 1, source, "objective.timesteps", " (the score averages t = 1..T)")
     at_least(cfg.batch_size, 1, source, "objective.batch_size")
-    if cfg.kind not in OBJECTIVES:
-        raise error(source, "objective.kind", f"unknown kind {cfg.kind!r} ({', '.join(OBJECTIVES)})")
-    if cfg.cam_timesteps not in CAM_TIMESTEPS:
-        raise error(source, "objective.cam_timesteps", f"must be one of {', '.join(CAM_TIMESTEPS)}, "
-                    f"got {cfg.cam_timesteps!r}")
     cfg.robust(source)  # checks the conditions, the combination and the constraints
     return cfg
 

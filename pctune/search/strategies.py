@@ -180,5 +180,9 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def strategy(name: str | None) -> Strategy:
-    """The record of ``name`` as a job.json records it (an older pctune's may not say: joint)."""
-    return STRATEGIES.get(name or "joint", STRATEGIES["joint"])
+    """The record of ``name`` as a job.json records it (an older pctune's may not say: joint); a name
+    this pctune does not know is a one-line error, not a guess."""
+    if name and name not in STRATEGIES:
+        raise PctuneError(f"job.json names the strategy {name!r}, which this pctune does not know "
+                          f"({', '.join(STRATEGIES)})")
+    return STRATEGIES[name or "joint"]

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pctune.metrics import FIDELITY, METRIC
 from pctune.search import manifest
-from pctune.search.objective import METRIC
 from pctune.utils import atomic_write_json
 
 _TRIAL_DIR = re.compile(r"^[A-Za-z0-9_]*?_[0-9a-f]{8}_(\d+)_")
@@ -57,7 +57,8 @@ def load_trials(exp_dir: str | Path) -> list[Trial]:
 
 
 def _read_trial(folder: Path, stopped: dict[str, int], logged: list[dict]) -> Trial | None:
-    results = [r for r in read_results(folder / "result.json") if METRIC in r]
+    # a trial's reports: every one carries the fidelity (an objective's own metric may not be mean_ce)
+    results = [r for r in read_results(folder / "result.json") if FIDELITY in r or METRIC in r]
     if logged and (not results or not _complete(results[-1], stopped)) and _complete(logged[-1], stopped):
         results = logged  # result.json cut short (a driver killed while Tune copied it): pctune's record
     config = results[-1].get("config") if results and results is logged else None
@@ -73,7 +74,7 @@ def _read_trial(folder: Path, stopped: dict[str, int], logged: list[dict]) -> Tr
     else:
         status = "ERROR" if any(folder.glob("error.*")) else "PENDING"
     match = _TRIAL_DIR.search(folder.name)
-    curve = tuple((int(r.get("num_images", 0)), float(r[METRIC])) for r in results)
+    curve = tuple((int(r.get(FIDELITY, 0)), float(r[METRIC])) for r in results if METRIC in r)
     return Trial(trial_id=trial_id, folder=folder.name, index=int(match.group(1)) if match else -1, status=status,
                  config=config, metrics=metrics, curve=curve, stopped_early=early)
 
@@ -110,7 +111,7 @@ def read_result_log(exp_dir: Path) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for result in read_results(result_log_path(Path(exp_dir))):
         folder = result.pop(_FOLDER, None)
-        if not isinstance(folder, str) or METRIC not in result:
+        if not isinstance(folder, str) or (FIDELITY not in result and METRIC not in result):
             continue
         if result.get("training_iteration") == 1:
             found[folder] = []
