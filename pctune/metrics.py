@@ -3,7 +3,8 @@
 Producers (the objectives, the trainable) build names with the functions below; readers (tracking,
 the replay of a resumed search, the leaderboard) classify them with :func:`step_metric` and
 :func:`is_trial_metric`. No other module spells a metric name pattern or parses one: a new family
-of names is one builder and one line of :data:`_FAMILIES` here.
+of names is one builder and one pattern here (:data:`_STEP` for a curve over timesteps,
+:data:`_SCALAR` for a scalar).
 
 The families (``<c>`` a robust objective's condition name, ``<n>`` a pcoder, ``<t>`` a timestep):
 
@@ -56,10 +57,7 @@ def constraint(condition: str, metric: str) -> str:
 # -- classifiers ----------------------------------------------------------------------------------------
 # ce_t3, accuracy_t3, a condition's ce_noise_t3 / accuracy_clean_t10, recon_error_pc2_t3: a curve over t
 _STEP = re.compile(r"^((?:ce|accuracy)(?:_[a-z0-9_]+?)?)_t(\d+)$|^(recon_error_pc\d+)_t(\d+)$")
-_FAMILIES = re.compile(
-    r"^(mean_ce|ce_t\d+|accuracy_t\d+|recon_error_pc\d+(_t\d+)?)$"  # the paper's objective
-    r"|^(mean_ce_|diverged_|constraint_)[a-z0-9_]+$|^feasible$|^(ce|accuracy)_[a-z0-9_]+_t\d+$"  # robust
-    r"|^cam_iou(_t\d+|_rel)?$")  # cam_iou
+_PAPER = re.compile(r"^(mean_ce|recon_error_pc\d+)$")  # the paper's scalars (its curves over t are _STEP's)
 # what MLflow gets at step 0 under its own name: a robust objective's and the cam_iou objective's scalars
 _SCALAR = re.compile(r"^(mean_ce_|diverged_|constraint_)[a-z0-9_]+$|^feasible$|^cam_iou(_t\d+|_rel)?$")
 
@@ -81,10 +79,11 @@ def is_condition_score(key: str) -> bool:
 def is_trial_metric(key: str, extra: Iterable[str] = ()) -> bool:
     """A value a trial itself reports (not one Ray Tune adds): a family above, or one of ``extra``
     (an objective's own names, :attr:`pctune.search.objectives.Objective.reported`)."""
-    return key in BOOKKEEPING or bool(_FAMILIES.match(key)) or key in set(extra)
+    return (key in BOOKKEEPING or bool(_PAPER.match(key)) or step_metric(key) is not None
+            or is_scalar_metric(key, extra))
 
 
 def is_scalar_metric(key: str, extra: Iterable[str] = ()) -> bool:
     """Logged to MLflow once (step 0) under its own name: the bookkeeping MLflow shows, a robust or
     cam_iou objective's scalars, and ``extra`` (an objective's own names)."""
-    return key in LOGGED_BOOKKEEPING or bool(_SCALAR.match(key)) or key in set(extra)
+    return key in LOGGED_BOOKKEEPING or bool(_SCALAR.match(key)) or key in extra
