@@ -32,7 +32,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, HyperBandForBOHB
 from ray.tune.search.optuna import OptunaSearch
 
 from pctune.metrics import FIDELITY, METRIC, MODE
-from pctune.search.trials import load_trials, read_results
+from pctune.search.trials import load_trials
 from pctune.utils import Log, print_line
 
 
@@ -122,12 +122,12 @@ class FidelityASHA(AsyncHyperBandScheduler):
 
     def seed_rungs(self) -> int:
         """Record the curves of the trials that finished in an earlier session; returns how many."""
-        finished = [t for t in load_trials(self.exp_dir) if t.finished]
-        for trial in finished:  # each report's value of the metric this scheduler ranks (the objective's)
-            for result in read_results(Path(self.exp_dir) / trial.folder / "result.json"):
-                if self._metric in result and FIDELITY in result:
-                    self._brackets[0].on_result(SimpleNamespace(trial_id=trial.trial_id), result[FIDELITY],
-                                                self._metric_op * result[self._metric])
+        # each report's value of the metric this scheduler ranks (the objective's), as the trials' curves
+        finished = [t for t in load_trials(self.exp_dir, curve_of=self._metric) if t.finished]
+        for trial in finished:
+            for images_seen, value in trial.curve:
+                self._brackets[0].on_result(SimpleNamespace(trial_id=trial.trial_id), images_seen,
+                                            self._metric_op * value)
         return len(finished)
 
     def rung_sizes(self) -> dict[float, int]:

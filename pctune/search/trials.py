@@ -22,7 +22,8 @@ _TRIAL_DIR = re.compile(r"^[A-Za-z0-9_]*?_[0-9a-f]{8}_(\d+)_")
 class Trial:
     """One trial of a Tune experiment; ``status`` is TERMINATED (its final result reported, or stopped
     early by the scheduler), ERROR or PENDING (not started, or still running: a partial result only).
-    ``curve``: (images seen, running mean_ce) at each of its reports."""
+    ``curve``: (images seen, running score) at each of its reports: of ``mean_ce``, or of the metric
+    :func:`load_trials` was asked for."""
 
     trial_id: str
     folder: str
@@ -44,19 +45,20 @@ def is_final(metrics: dict[str, Any]) -> bool:
     return bool(metrics.get("final", 1.0))
 
 
-def load_trials(exp_dir: str | Path) -> list[Trial]:
+def load_trials(exp_dir: str | Path, curve_of: str = METRIC) -> list[Trial]:
     """Every trial of one Tune experiment folder, in creation order: its trial folders, and the trials
-    whose results pctune's own record holds (:func:`read_result_log`)."""
+    whose results pctune's own record holds (:func:`read_result_log`); each trial's ``curve`` is that of
+    ``curve_of``."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         return []
     stopped, logged = read_early_stops(exp_dir), read_result_log(exp_dir)
     folders = {f.name for f in exp_dir.iterdir() if f.is_dir() and (f / "params.json").is_file()} | set(logged)
-    trials = [_read_trial(exp_dir / name, stopped, logged.get(name, [])) for name in folders]
+    trials = [_read_trial(exp_dir / name, stopped, logged.get(name, []), curve_of) for name in folders]
     return sorted((t for t in trials if t is not None), key=lambda t: (t.index, t.folder))
 
 
-def _read_trial(folder: Path, stopped: dict[str, int], logged: list[dict]) -> Trial | None:
+def _read_trial(folder: Path, stopped: dict[str, int], logged: list[dict], curve_of: str) -> Trial | None:
     # a trial's reports: every one carries the fidelity (an objective's own metric may not be mean_ce)
     results = [r for r in read_results(folder / "result.json") if FIDELITY in r or METRIC in r]
     if logged and (not results or not _complete(results[-1], stopped)) and _complete(logged[-1], stopped):
@@ -74,7 +76,7 @@ def _read_trial(folder: Path, stopped: dict[str, int], logged: list[dict]) -> Tr
     else:
         status = "ERROR" if any(folder.glob("error.*")) else "PENDING"
     match = _TRIAL_DIR.search(folder.name)
-    curve = tuple((int(r.get(FIDELITY, 0)), float(r[METRIC])) for r in results if METRIC in r)
+    curve = tuple((int(r.get(FIDELITY, 0)), float(r[curve_of])) for r in results if curve_of in r)
     return Trial(trial_id=trial_id, folder=folder.name, index=int(match.group(1)) if match else -1, status=status,
                  config=config, metrics=metrics, curve=curve, stopped_early=early)
 
