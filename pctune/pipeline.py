@@ -19,6 +19,7 @@ import pandas as pd
 
 from pctune.errors import Interrupted, PctuneError, write_error
 from pctune.search.job import Job
+from pctune.search.objectives import Objective
 from pctune.search.prepare import load_job_model
 from pctune.search.rundir import PROMOTION, SWEEP_CSV, SWEEP_PNG, Entry, RunDir, front_members, rank
 from pctune.search.runlock import run_lock
@@ -111,12 +112,15 @@ def experiment_name(job: Job) -> str:
     return job.tracking.experiment or job.name
 
 
-def open_tracker(job: Job, uri: str) -> SearchTracker:
-    """The tracker of ``job``'s search, its parent run started (or found again)."""
+def open_tracker(job: Job, uri: str, objective: Objective | None = None) -> SearchTracker:
+    """The tracker of ``job``'s search, its parent run started (or found again); ``objective``: the
+    search's, as the run directory records it (read from it when not given)."""
     run_dir = RunDir(job.run_dir)
     identity = run_dir.tracking_identity(uri, experiment_name(job))
+    if objective is None:
+        objective = run_dir.job(job).kinds.objective
     tracker = SearchTracker(uri, identity["experiment"], identity["search_id"],
-                            objective_metrics=run_dir.job(job).kinds.objective.reported())
+                            objective_metrics=objective.reported())
     tracker.start(job.name, _parent_params(job, run_dir))
     return tracker
 
@@ -146,9 +150,10 @@ def sync(job: Job, uri: str | None = None, log: Log = print_line, register_incom
 
 
 def _sync(job: Job, run_dir: RunDir, uri: str, log: Log, register_incomplete: bool) -> dict[str, Any]:
-    tracker = open_tracker(job, uri)
+    objective = run_dir.job(job).kinds.objective  # the job as the search ran it (read back once)
+    tracker = open_tracker(job, uri, objective)
     try:
-        return _sync_into(job, tracker, run_dir, log, register_incomplete)
+        return _sync_into(job, objective, tracker, run_dir, log, register_incomplete)
     except KeyboardInterrupt:
         _mark_killed(tracker, log)
         raise Interrupted(f"the sync of {job.name} stopped (what reached MLflow is kept)", rerun=True) from None
@@ -157,8 +162,8 @@ def _sync(job: Job, run_dir: RunDir, uri: str, log: Log, register_incomplete: bo
         raise
 
 
-def _sync_into(job: Job, tracker: SearchTracker, run_dir: RunDir, log: Log, register_incomplete: bool
-               ) -> dict[str, Any]:
+def _sync_into(job: Job, objective: Objective, tracker: SearchTracker, run_dir: RunDir, log: Log,
+               register_incomplete: bool) -> dict[str, Any]:
     from pctune.tracking.summary import log_search_summary
 
     complete = run_dir.search_complete()
@@ -179,7 +184,6 @@ def _sync_into(job: Job, tracker: SearchTracker, run_dir: RunDir, log: Log, regi
     sweep = [run_dir / name for name in (SWEEP_CSV, SWEEP_PNG) if (run_dir / name).is_file()]
     if sweep:  # a single-pcoder grid sweep: its table and heatmaps (written by the search's results)
         tracker.log_summary({}, artifacts=sweep)
-    objective = run_dir.job(job).kinds.objective  # the job as the search ran it
     axes = objective.tradeoff_axes()
     if axes is not None:  # a robust objective of two or more conditions
         _log_tradeoff(tracker, entries, objective, axes, run_dir, best)
@@ -187,7 +191,7 @@ def _sync_into(job: Job, tracker: SearchTracker, run_dir: RunDir, log: Log, regi
         log("MLflow: no champion registered: no configuration finished without diverging"
             + (" and meeting every constraint" if objective.constraint_keys() else ""))
     elif complete or register_incomplete:
-        register(job, tracker, best, log)
+        register(job, tracker, best, log, objective)
     if not complete:
         _report_incomplete(job, run_dir, best, register_incomplete, log)
     tracker.finish("FINISHED" if complete else "KILLED")
@@ -232,8 +236,9 @@ def _baselines(run_dir: RunDir) -> dict[str, dict]:
     return {names[name]: ref["metrics"] for name, ref in run_dir.references().items() if name in names}
 
 
-def register(job: Job, tracker: SearchTracker, best: Entry, log: Log) -> None:
-    """Register ``best`` as the ``champion`` of the model named after the job (once per winner)."""
+def register(job: Job, tracker: SearchTracker, best: Entry, log: Log, objective: Objective | None = None) -> None:
+    """Register ``best`` as the ``champion`` of the model named after the job (once per winner);
+    ``objective``: the search's (read back from the run directory when not given)."""
     from pctune.models.registry import get_spec
     from pctune.tracking.champion import register_champion
 
@@ -251,7 +256,8 @@ def register(job: Job, tracker: SearchTracker, best: Entry, log: Log) -> None:
                                 pretrained=job.model.pretrained, backbone_weights=backbone,
                                 backbone=job.model.backbone)
     tracker.client.set_tag(tracker.parent_id, "pctune.champion_trial", best.key)
-    objective = RunDir(job.run_dir).job(job).kinds.objective  # the job as the search ran it
+    if objective is None:  # the job as the search ran it
+        objective = RunDir(job.run_dir).job(job).kinds.objective
     if objective.rule() is not None:  # which rule chose this version
         tracker.client.set_model_version_tag(job.name, version, "pctune.champion_rule", objective.rule())
     metric = objective.metric
