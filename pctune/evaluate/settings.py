@@ -200,7 +200,8 @@ def _check_adversarial(s: AdversarialSettings, source: str, where: str) -> None:
                 raise error(source, f"{where}.attacks[{i}]", f"attack {attack!r} is listed twice")
 
 
-def _check_explain(s: ExplainSettings, source: str, where: str) -> None:
+def check_explain(s: ExplainSettings, source: str, where: str) -> None:
+    """The explain stage's ranges (also the cam_iou objective's, whose [objective.cam] overrides them)."""
     _check_noise(s, source, where)
     for key in ("ink_threshold", "cam_threshold"):
         if not 0 <= getattr(s, key) <= 1:
@@ -213,4 +214,4 @@ def _check_explain(s: ExplainSettings, source: str, where: str) -> None:
 
 
 _CHECKS = {"imagenet-c": _check_imagenet_c, "adversarial": _check_adversarial, "noise": _check_noise,
-           "explain": _check_explain}
+           "explain": check_explain}

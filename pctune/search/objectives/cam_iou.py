@@ -110,15 +110,11 @@ def _explain_settings(job, source: str):
         raise error(source, "objective.cam", "must be a table such as { cam_threshold = 0.5 }")
     no_unknown(table, list(CamSettings.__dataclass_fields__), f"{source}: objective.cam")
     given = {k: v for k, v in asdict(read_table(CamSettings, table, source, "objective.cam")).items() if v is not None}
-    from pctune.evaluate.settings import CAM_GRAD_MODES
+    from pctune.evaluate.settings import check_explain
 
-    for key in ("ink_threshold", "cam_threshold"):
-        if key in given and not 0 <= given[key] <= 1:
-            raise error(source, f"objective.cam.{key}", f"must be in [0, 1], got {given[key]}")
-    if given.get("grad_mode", CAM_GRAD_MODES[0]) not in CAM_GRAD_MODES:
-        raise error(source, "objective.cam.grad_mode", f"unknown mode {given['grad_mode']!r} "
-                    f"({', '.join(CAM_GRAD_MODES)})")
-    return replace(job.promotion.settings["explain"], **given)
+    merged = replace(job.promotion.settings["explain"], **given)
+    check_explain(merged, source, "objective.cam")  # the stage's own ranges; [promotion.explain] passed them already
+    return merged
 
 
 def cam_arrays(job, spec, net, log, settings: dict[str, Any]) -> dict[str, np.ndarray]:
