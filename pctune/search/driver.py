@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -35,9 +34,10 @@ from pctune.search.prepare import Log, Prepared, _print, check_paths, prepare
 from pctune.search.raycluster import check_resources, connect
 from pctune.search.rundir import COMBINATION, JOB, REFERENCES, RunDir, Trial, load_trials
 from pctune.search.schedulers import make_scheduler, report_points
-from pctune.search.searchers import make_searcher
+from pctune.search.searchers import make_searcher  # noqa: F401 (re-exported: tests, earlier callers)
 from pctune.search.signing import state_key
 from pctune.search.space import hparams_to_config
+from pctune.search.strategies import STRATEGIES
 from pctune.search.trainable import TrialPayload, digest_arrays, run_trial, state_arrays
 from pctune.search.tune_state import check_ray_version, remember_tuner_state, repair
 
@@ -191,11 +191,9 @@ def _trainable(job: Job, setup: TrialPayload):
 
 def run_joint(prep: Prepared, setup: TrialPayload, log: Log, callbacks: list | None = None,
               stage: str = "joint") -> None:
-    """The joint strategy: one Tune experiment over the whole space, starting points first (the
-    benchmarks run it too, under their own stage names)."""
-    searcher = functools.partial(make_searcher, prep.job, prep.space, prep.starting_points)
-    Stages(prep, setup, RunDir(prep.job.run_dir), log, callbacks).run_stage(stage, searcher,
-                                                                            prep.job.search.num_samples)
+    """The joint strategy's one Tune experiment (:class:`pctune.search.strategies.Joint`), whatever the
+    job's strategy, under the stage name ``stage`` (the benchmarks run it)."""
+    STRATEGIES["joint"].run(Stages(prep, setup, RunDir(prep.job.run_dir), log, callbacks), stage)
 
 
 def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callable[[], Any], num_samples: int,

@@ -89,11 +89,13 @@ class Strategy:
 
 
 class Joint(Strategy):
-    def run(self, stages: StageRunner) -> None:
+    def run(self, stages: StageRunner, stage: str = "joint") -> None:
+        """One Tune experiment over the whole space, starting points first (``stage``: the benchmarks run
+        it under their own names)."""
         from pctune.search.searchers import make_searcher
 
         prep = stages.prep
-        stages.run_stage("joint", functools.partial(make_searcher, prep.job, prep.space, prep.starting_points),
+        stages.run_stage(stage, functools.partial(make_searcher, prep.job, prep.space, prep.starting_points),
                          prep.job.search.num_samples)
 
 
