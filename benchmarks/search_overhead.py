@@ -54,11 +54,10 @@ def _decompose(timeline: Timeline, begin: float, end: float) -> dict:
     order = sorted(ends, key=lambda tid: starts[tid])
     between = [starts[b] - ends[a][0] for a, b in itertools.pairwise(order)]
     beyond_eval = [ends[tid][0] - starts[tid] - ends[tid][1] for tid in order]
-    steady = statistics.median(between) + statistics.median(beyond_eval[1:])
+    between_s, beyond_s = statistics.median(between), statistics.median(beyond_eval[1:])
     return {"experiment_start_s": starts[order[0]] - begin, "first_trial_beyond_eval_s": beyond_eval[0],
-            "between_trials_median_s": statistics.median(between),
-            "trial_beyond_eval_median_s": statistics.median(beyond_eval[1:]),
-            "steady_fixed_cost_per_trial_s": steady, "experiment_end_s": end - ends[order[-1]][0]}
+            "between_trials_median_s": between_s, "trial_beyond_eval_median_s": beyond_s,
+            "steady_fixed_cost_per_trial_s": between_s + beyond_s, "experiment_end_s": end - ends[order[-1]][0]}
 
 
 def _search(job, trials: int, concurrency: int, stage: str) -> dict:
