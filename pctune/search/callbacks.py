@@ -10,6 +10,7 @@ from ray import tune
 
 from pctune.metrics import METRIC, step_metric
 from pctune.search.trials import append_result, is_final, record_early_stop
+from pctune.search.tune_patches import trials_fingerprint
 from pctune.search.tune_state import snapshot
 from pctune.utils import Log, print_line
 
@@ -19,24 +20,28 @@ MAX_FAILURES = 3
 
 
 class StateSnapshots(tune.Callback):
-    """Snapshots (signed) Tune's state after every step in which a trial changed status or reported
+    """Snapshots (signed) Tune's state after every step in which Tune saved it (a trial was added, paused
+    or resumed: :mod:`pctune.search.tune_patches`) and at the experiment's end, after Tune's last save
     (:mod:`pctune.search.tune_state`)."""
 
     def __init__(self, exp_dir: Path) -> None:
         self.exp_dir, self.seen = Path(exp_dir), None
 
     def on_step_end(self, iteration, trials, **info):
-        if not trials:
-            return
-        seen = tuple((t.trial_id, t.status, len(t.last_result or {})) for t in trials)
-        if seen == self.seen:
-            return
+        seen = trials_fingerprint(trials)  # the same test as Tune's saves
+        if trials and seen != self.seen and self._snapshot(trials):
+            self.seen = seen
+
+    def on_experiment_end(self, trials, **info):
+        if trials:
+            self._snapshot(trials)
+
+    def _snapshot(self, trials) -> bool:
         storage = getattr(trials[0], "storage", None)  # Tune's StorageContext (Ray >= 2.7)
         staging = Path(getattr(storage, "experiment_driver_staging_path", self.exp_dir))
         # where the experiment is now: a restored callback was pickled (in tuner.pkl) with the run's old place
         exp_dir = Path(getattr(storage, "experiment_fs_path", self.exp_dir))
-        if snapshot(staging, exp_dir):
-            self.seen = seen
+        return snapshot(staging, exp_dir)
 
 
 class ResultRecord(tune.Callback):

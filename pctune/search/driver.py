@@ -39,6 +39,7 @@ from pctune.search.signing import state_key
 from pctune.search.space import hparams_to_config
 from pctune.search.strategies import STRATEGIES
 from pctune.search.trainable import TrialPayload, digest_arrays, run_trial, state_arrays
+from pctune.search.tune_patches import lean_fit
 from pctune.search.tune_state import check_ray_version, remember_tuner_state, repair
 
 __all__ = ["MAX_FAILURES", "SearchInterrupted", "check_resources", "connect", "evaluate_points", "run_search"]
@@ -201,7 +202,8 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
     """Run (or restore and finish) the Tune experiment ``stage``: ``num_samples`` trials from ``searcher()``."""
     job = prep.job
     exp_dir = RunDir(job.run_dir).register(stage)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save state after every event: resume loses nothing
+    # Tune may save its state in any step; pctune.search.tune_patches keeps the steps a resume needs
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # result.json only (no TensorBoard/CSV)
     before: list[Trial] = []
     if interrupts.requested():  # stopped while an earlier stage ended: start no other
@@ -221,7 +223,8 @@ def _run_stage(prep: Prepared, setup: TrialPayload, stage: str, searcher: Callab
         tuner = _tuner(prep, setup, stage, searcher(), num_samples, callbacks)
         remember_tuner_state(exp_dir)  # the tuner.pkl Ray just wrote: its snapshots carry and sign it
     start = time.perf_counter()
-    grid = tuner.fit()
+    with lean_fit():  # saves only in steps that changed a trial; trials on Ray's prestarted workers
+        grid = tuner.fit()
     after = load_trials(exp_dir)
     done = sum(1 for t in after if t.finished)
     missing = num_samples - done

@@ -1,10 +1,11 @@
 """Tune's experiment state, kept safe from a killed driver and signed against planted pickles.
 
 Tune saves its experiment-level state (``experiment_state-<session>.json``, the searcher's state) into
-a staging folder after every step, rewriting the JSON in place, and copies it to the experiment folder
+a staging folder in the steps that need it, rewriting the JSON in place, and copies it to the experiment folder
 in the background. A driver killed while either happens leaves a file cut short, or files of different
 steps; Tune then starts the experiment over, or its searcher waits forever for a trial the experiment
-state does not know. So after every step that changed a trial, pctune snapshots the staging folder's
+state does not know. So after every step in which Tune saved (a trial added, paused or resumed:
+:mod:`pctune.search.tune_patches`), pctune snapshots the staging folder's
 state files (complete and consistent at that moment) into one JSON file, replaced atomically, and
 ``--resume`` puts that snapshot back before Tune restores.
 
@@ -190,8 +191,8 @@ def repair(exp_dir: Path, log: Log) -> None:
     driver (or anyone else) left in ``exp_dir``. Trials that finished after it are rerun by Tune under
     their own ids and replayed from their results, so nothing is evaluated twice. With no snapshot
     (the driver died before its first step) the stage is moved aside and starts over: its unsigned
-    state is never restored (a trial's end is snapshotted in the step it ends in, so at most the trials of
-    that one step run again)."""
+    state is never restored (the first trial is snapshotted in the step that adds it, so at most the
+    trials of that one step run again)."""
     exp_dir = Path(exp_dir)
     saved = verified_state(exp_dir)
     if saved is None:
