@@ -9,9 +9,9 @@ end, the first trial's warm-up) and what every later trial pays besides its eval
 
     python benchmarks/search_overhead.py --trials 30 --out benchmarks/results/search_overhead.json
 
-The driver saves Tune's state after every event unless ``TUNE_GLOBAL_CHECKPOINT_S`` says otherwise;
-``TUNE_GLOBAL_CHECKPOINT_S=30 python benchmarks/search_overhead.py ...`` measures what that costs (the
-JSON records the variable).
+The driver lets Tune save its state in any step (``TUNE_GLOBAL_CHECKPOINT_S=0``) and
+:mod:`pctune.search.tune_patches` keeps the steps a resume needs; ``TUNE_GLOBAL_CHECKPOINT_S=30 python
+benchmarks/search_overhead.py ...`` measures Tune's interval instead (the JSON records the variable).
 """
 
 from __future__ import annotations
