@@ -4,6 +4,7 @@ driver still loses no finished trial and runs none twice is test_signed_state's 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,13 @@ def _idle_ray_workers() -> set[int]:
     return pids
 
 
+def _wait_for_idle_workers(timeout: float = 30.0) -> None:
+    """Ray prestarts its idle workers in the background after ``ray.init``."""
+    deadline = time.monotonic() + timeout
+    while not _idle_ray_workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _experiment(tmp_path: Path, stage: str, trials: int) -> tuple[Steps, set[int]]:
     from pctune.search import driver
     from pctune.search.job import load_job
@@ -58,6 +66,7 @@ def _experiment(tmp_path: Path, stage: str, trials: int) -> tuple[Steps, set[int
     prep = prepare(job, log=lambda _m: None)
     setup = driver.trial_setup(prep)
     steps = Steps()
+    _wait_for_idle_workers()
     idle = _idle_ray_workers()
     driver.run_joint(prep, setup, log=lambda _m: None, callbacks=[steps], stage=stage)
     return steps, idle
