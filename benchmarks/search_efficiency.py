@@ -42,22 +42,10 @@ ARMS = {"tpe": {"search.scheduler": "fifo", "search.cache_gb": 0.0},
                             "search.cache_gb": 1.0}}
 
 
-def _completions():
-    """A Tune callback that records when (``time.perf_counter``, on the driver) each trial ended."""
-    from ray import tune
-
-    class Completions(tune.Callback):
-        def __init__(self) -> None:
-            self.at: dict[str, float] = {}
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.at[trial.trial_id] = time.perf_counter()
-
-    return Completions()
-
-
 def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:
     """One seeded search of the demo job; its trials' costs and scores."""
+    from search_overhead import Timeline  # benchmarks/ is the script's folder
+
     from pctune.search import driver
     from pctune.search.job import load_job
     from pctune.search.prepare import prepare
@@ -71,10 +59,11 @@ def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:
         prep = prepare(job, log=lambda _m: None)
         driver.connect(None, log=lambda _m: None)
         setup = driver.trial_setup(prep)
-        completions = _completions()
+        timeline = Timeline()
         start = time.perf_counter()
-        driver.run_joint(prep, setup, log=lambda _m: None, callbacks=[completions])
+        driver.run_joint(prep, setup, log=lambda _m: None, callbacks=[timeline])
         wall = time.perf_counter() - start
+    ended = {trial_id: at for kind, trial_id, at, _ in timeline.events if kind == "complete"}
     timesteps = job.objective.timesteps
     rows = []
     for t in load_trials(job.run_dir / "joint"):
@@ -87,7 +76,7 @@ def run_arm(arm: str, seed: int, trials: int, storage: Path) -> dict:
                      "diverged": bool(m["diverged"]), "mean_ce": float(m["mean_ce"]),
                      "compute": images * timesteps + images - cached, "compute_no_cache": images * (timesteps + 1),
                      "seconds": float(m["eval_seconds"]),
-                     "done_s": completions.at.get(t.trial_id, wall + start) - start})
+                     "done_s": ended.get(t.trial_id, wall + start) - start})
     return {"arm": arm, "seed": seed, "trials": rows, "wall_s": wall, "num_images": len(prep.labels),
             "timesteps": timesteps}
 

@@ -48,7 +48,10 @@ def saves_on_change() -> Iterator[None]:
     original = TuneController.checkpoint
 
     def checkpoint(self, force: bool = False, wait: bool = False):
-        seen = trials_fingerprint(getattr(self, "_trials", ()))
+        trials = getattr(self, "_trials", None)
+        if trials is None:  # a controller that keeps its trials elsewhere: every save, as Tune does
+            return original(self, force=force, wait=wait)
+        seen = trials_fingerprint(trials)
         if not (force or wait) and seen == getattr(self, "_pctune_saved", None):
             return None
         result = original(self, force=force, wait=wait)
