@@ -263,13 +263,11 @@ def watch(proc: subprocess.Popen, log: Path, what: str, condition, timeout: floa
 
 
 def finished(exp: Path) -> dict[str, dict]:
-    """trial folder -> its last reported result, for every trial with a result on disk."""
-    out = {}
-    for result in exp.glob("*/result.json") if exp.is_dir() else []:
-        lines = result.read_text().strip().splitlines()
-        if lines:
-            out[result.parent.name] = json.loads(lines[-1])
-    return out
+    """trial folder -> its last reported result, for every trial with a result on disk, read as pctune
+    reads them: its ``result.json``, or pctune's own record of results where Tune's background copy
+    lags behind (a driver killed between the two holds a result that ``result.json`` lacks yet; the
+    resume replays it, so the test must count it as recorded before the kill)."""
+    return {t.folder: t.metrics for t in load_trials(exp) if t.metrics}
 
 
 def child_runs(uri: str, experiment: str) -> list:
