@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pctune.errors import PctuneError
+from pctune.lineage import with_local_weights
 from pctune.search.claim import check_location, claim_plan
 from pctune.search.identity import check_resume, digest_arrays, evaluation_arrays, fingerprint
 from pctune.search.job import Job
@@ -34,13 +35,14 @@ from pctune.utils import Log, first_line, print_line
 def check(job: Job, log: Log = print_line) -> dict[str, Any]:
     """Run every check of a search of ``job`` up to its first trial; a problem is a :class:`PctuneError`.
     Returns what was found (for the summary line and for tests)."""
+    uri = resolve_tracking_uri(job.tracking.tracking_uri)
+    job = with_local_weights(job, uri, lambda _message: None, new_search=not job.resume)
     check_paths(job)
     run = check_run_directory(job)
     state_key()  # the key that will sign the search's Tune state (pctune.search.signing)
     prep = prepare(job, log=lambda _message: None)
     if run == "resume":  # the same job, or the search would refuse
         check_resume(RunDir(job.run_dir), prep, fingerprint(prep, digest_arrays(evaluation_arrays(prep))))
-    uri = resolve_tracking_uri(job.tracking.tracking_uri)
     check_reachable(uri)
     cluster = check_local_resources(job)
     found = {"job": job.name, "model": prep.spec.name, "pcoders": prep.net.num_pcoders,

@@ -75,6 +75,22 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="cuda, cpu, ... (default: a GPU when present)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--num-workers", type=int, default=1,
+                       help="training processes: 1 trains in this process, more on Ray Train (DDP; --batch-size "
+                            "is the global batch, split among them)")
+    train.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray Train worker (nccl)")
+    train.add_argument("--address", default=None, help="the Ray cluster to train on (default: $RAY_ADDRESS, else "
+                                                       "a local Ray)")
+    train.add_argument("--val-fraction", type=float, default=0.1,
+                       help="images held out (seeded) to measure the reconstruction every epoch (0: none)")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints inside an epoch "
+                                                                       "(default: at epoch ends only)")
+    train.add_argument("--patience", type=int, default=0,
+                       help="stop after this many epochs without a lower held-out loss (default: never)")
+    train.add_argument("--precision", default="fp32", help="fp32, or bf16 / fp16 autocast on a GPU")
+    train.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                            "else ./mlflow.db)")
+    train.add_argument("--experiment", default=None, help="MLflow experiment (default: MODEL-feedback)")
     train.set_defaults(handler=_train_feedback)
 
     from pctune.evaluate.settings import STAGE_SETTINGS
@@ -127,34 +143,22 @@ def _train_feedback(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pctune.data.folders import image_folder
-    from pctune.models import create_model, save_feedback_weights
-    from pctune.models.registry import model_classes
-    from pctune.training import train_feedback
+    from pctune.feedback.cluster import Workers
+    from pctune.feedback.plan import TrainPlan
+    from pctune.feedback.run import TrainRequest, train
 
     _check_training_arguments(args)
     if not Path(args.data).is_dir():
         raise PctuneError(f"{args.data}: no such directory")
     torch.manual_seed(args.seed)
-    net = create_model(args.model, pretrained=args.pretrained, backbone_weights=args.backbone_weights,
-                       feedback_weights=args.feedback_weights)
-    if net.input_size[0] != 3:  # an image folder is read as RGB
-        raise PctuneError(f"{args.model} takes {net.input_size[0]}-channel images, but train-feedback reads image "
-                          "folders as RGB (3 channels)")
-    size = args.image_size or net.input_size[-1]
-    out = Path(args.out or Path("runs") / "feedback" / net.name)
-    _check_training_output(out)
-    dataset = image_folder(args.data, split="train", image_size=size, classes=model_classes(net, count=False))
-    if len(dataset) == 0:
-        raise PctuneError(f"{args.data}: no images")
-    loader_args = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
-    print(f"training {net.num_pcoders} decoders of {net.name} on {len(dataset)} images from {args.data}; "
-          f"checkpoints in {out}")
-    history = train_feedback(net, lambda: torch.utils.data.DataLoader(dataset, **loader_args), epochs=args.epochs,
-                             lr=args.lr, device=args.device, checkpoint_dir=out, resume=args.resume)
-    save_feedback_weights(net.cpu(), out / "feedback.pt", history=history)
-    print(f"feedback weights: {out / 'feedback.pt'}  (load with create_model(..., feedback_weights=PATH))")
+    plan = TrainPlan(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, patience=args.patience,
+                     precision=args.precision)
+    train(TrainRequest(model=args.model, data=args.data, out=Path(args.out) if args.out else None, plan=plan,
+                       workers=Workers(args.num_workers, args.gpus_per_worker, args.workers),
+                       image_size=args.image_size, pretrained=args.pretrained, backbone_weights=args.backbone_weights,
+                       feedback_weights=args.feedback_weights, device=args.device, resume=args.resume,
+                       address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment))
     return 0
 
 
@@ -170,21 +174,17 @@ def _check_training_arguments(args: argparse.Namespace) -> None:
             raise PctuneError(f"{flag} must be a positive number, got {value}{hint}")
     if args.workers < 0:
         raise PctuneError(f"--workers must be >= 0, got {args.workers}")
+    if args.num_workers < 1:
+        raise PctuneError(f"--num-workers must be >= 1, got {args.num_workers}")
+    if args.batch_size < args.num_workers:
+        raise PctuneError(f"--batch-size {args.batch_size} is the global batch: it must give each of the "
+                          f"{args.num_workers} workers at least one image")
+    if not (math.isfinite(args.gpus_per_worker) and args.gpus_per_worker >= 0):
+        raise PctuneError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
     from pctune.schema import SEED_RANGE
 
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise PctuneError(f"--seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {args.seed}")
-
-
-def _check_training_output(out) -> None:
-    """The files train-feedback writes (OUT/last.pt after every epoch, OUT/feedback.pt at the end) can be
-    written: checked before training, not after it."""
-    if out.exists() and not out.is_dir():
-        raise PctuneError(f"--out: {out} is not a directory")
-    for name in ("last.pt", "feedback.pt"):
-        if (out / name).exists() and not (out / name).is_file():
-            raise PctuneError(f"--out: {out / name} is not a file (train-feedback writes its checkpoint there): "
-                              "remove it or pass another --out")
 
 
 def _promote(args: argparse.Namespace) -> int:

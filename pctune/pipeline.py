@@ -18,6 +18,8 @@ from typing import Any
 import pandas as pd
 
 from pctune.errors import Interrupted, PctuneError, write_error
+from pctune.lineage import with_local_weights
+from pctune.search.identity import LINEAGE_KEY
 from pctune.search.job import Job
 from pctune.search.objectives import Objective
 from pctune.search.prepare import load_job_model
@@ -40,7 +42,7 @@ def search(job: Job, log: Log = print_line) -> dict[str, Any]:
     uri = resolve_tracking_uri(job.tracking.tracking_uri)
     check_reachable(uri)
     with search_lock(job, log):
-        return _search(job, uri, log)
+        return _search(with_local_weights(job, uri, log, new_search=not job.resume), uri, log)
 
 
 def _search(job: Job, uri: str, log: Log) -> dict[str, Any]:
@@ -132,7 +134,15 @@ def _parent_params(job: Job, run_dir: RunDir) -> dict[str, Any]:
             "num_images": record.get("num_images", job.data.num_images), "sigma": job.objective.sigma,
             "timesteps": job.objective.timesteps, "objective": job.objective.kind, "data_source": job.data.source,
             "dataset_digest": record.get("dataset_digest", "unknown"), "space": record.get("space", ""),
-            "unreadable_images": len(record.get("unreadable_images", []))}
+            "unreadable_images": len(record.get("unreadable_images", [])), **_lineage_params(record)}
+
+
+def _lineage_params(record: dict[str, Any]) -> dict[str, Any]:
+    """Feedback weights named by MLflow: the URI the job gave and what it resolved to."""
+    lineage = record.get(LINEAGE_KEY) or {}
+    names = {"uri": "feedback_weights", "pinned": "feedback_weights_resolved", "version": "feedback_weights_version",
+             "run_id": "feedback_weights_run_id"}
+    return {param: lineage[key] for key, param in names.items() if lineage.get(key)}
 
 
 # -- sync -------------------------------------------------------------------------------------------
@@ -146,7 +156,7 @@ def sync(job: Job, uri: str | None = None, log: Log = print_line, register_incom
     uri = uri or resolve_tracking_uri(job.tracking.tracking_uri or run_dir.tracking_uri())
     check_reachable(uri)
     with run_lock(run_dir.path, f"pctune sync {job.name}", log):
-        return _sync(job, run_dir, uri, log, register_incomplete)
+        return _sync(with_local_weights(job, uri, log, new_search=False), run_dir, uri, log, register_incomplete)
 
 
 def _sync(job: Job, run_dir: RunDir, uri: str, log: Log, register_incomplete: bool) -> dict[str, Any]:
@@ -300,7 +310,8 @@ def promote(job: Job, top_k: int | None = None, stages: list[str] | None = None,
     RunDir(job.run_dir).require_search(job.name)
     stopped = f"the promotion of {job.name} stopped (finished shards are kept in {job.run_dir / PROMOTION})"
     with run_lock(job.run_dir, f"pctune promote {job.name}", log), _stops_as_interrupted(stopped):
-        return _promote(job, top_k, stages, log)
+        uri = resolve_tracking_uri(job.tracking.tracking_uri or RunDir(job.run_dir).tracking_uri())
+        return _promote(with_local_weights(job, uri, log, new_search=False), top_k, stages, log)
 
 
 def _promote(job: Job, top_k: int | None, stages: list[str], log: Log) -> dict[str, Any]:

@@ -20,17 +20,29 @@ from pctune.pc.network import PredictiveNet
 from pctune.utils import Log, atomic_torch_save, print_line
 
 
-def reconstruction_losses(net: PredictiveNet, images: Tensor) -> Tensor:
+class DecoderStack(torch.nn.Module):
+    """The decoders as one module: ``forward(reps)`` is every pcoder's prediction of the layer below
+    from its representation. (What DDP wraps: its gradient hooks need the forward to go through it.)"""
+
+    def __init__(self, decoders: torch.nn.ModuleList) -> None:
+        super().__init__()
+        self.decoders = decoders
+
+    def forward(self, reps: list[Tensor]) -> list[Tensor]:
+        return [decoder(rep) for decoder, rep in zip(self.decoders, reps, strict=True)]
+
+
+def reconstruction_losses(net: PredictiveNet, images: Tensor, decoders: torch.nn.Module | None = None) -> Tensor:
     """Per pcoder, the mean squared error of its decoder's prediction of the layer below, after one
-    feedforward pass; the decoders are differentiable, the backbone is not."""
-    losses = []
-    below = images
-    for encoder, decoder in zip(net.encoders, net.decoders, strict=True):
-        with torch.no_grad():
-            rep = encoder(below)
-        losses.append(torch.nn.functional.mse_loss(decoder(rep), below))
-        below = rep
-    return torch.stack(losses)
+    feedforward pass; the decoders are differentiable, the backbone is not. ``decoders``: the
+    :class:`DecoderStack` of ``net`` to run them through (a DDP wrapper of it), by default a new one."""
+    inputs = [images]
+    with torch.no_grad():
+        for encoder in net.encoders:
+            inputs.append(encoder(inputs[-1]))
+    predictions = (decoders or DecoderStack(net.decoders))(inputs[1:])
+    return torch.stack([torch.nn.functional.mse_loss(p.float(), below.float())
+                        for p, below in zip(predictions, inputs[:-1], strict=True)])
 
 
 def train_feedback(
@@ -94,7 +106,7 @@ def _epoch(net, optimizer, batches, device, epoch: int, epochs: int, progress: b
     totals = torch.zeros(net.num_pcoders, dtype=torch.float64)
     count = 0
     total = len(batches) if hasattr(batches, "__len__") else None
-    with _stops_blocked():  # the loader's worker processes start here and inherit the mask
+    with stops_blocked():  # the loader's worker processes start here and inherit the mask
         batches = iter(batches)
     bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
     for batch in bar:
@@ -116,7 +128,7 @@ def _epoch(net, optimizer, batches, device, epoch: int, epochs: int, progress: b
 
 
 @contextlib.contextmanager
-def _stops_blocked():
+def stops_blocked():
     """SIGINT and SIGTERM held back while a DataLoader forks its workers: they inherit the blocked mask, so
     a stop sent to the whole process group (Ctrl-C, ``timeout``, Kubernetes) reaches this process alone,
     which stops its workers itself. (torch lets a worker die of SIGTERM, and the loader then fails with

@@ -13,6 +13,13 @@ from pctune.pc.network import PredictiveNet
 from pctune.utils import atomic_torch_save, first_line
 
 FORMAT = "pctune-feedback-v1"
+#: weights named by MLflow rather than by a path (resolved by :mod:`pctune.tracking.weights`)
+URI_SCHEMES = ("models:/", "runs:/")
+
+
+def is_weights_uri(value: object) -> bool:
+    """``value`` names weights in MLflow (``models:/...``, ``runs:/...``) rather than a file."""
+    return isinstance(value, str) and value.startswith(URI_SCHEMES)
 
 
 def save_feedback_weights(net: PredictiveNet, path: str | Path, **extra: Any) -> None:

@@ -38,6 +38,8 @@ _DATA = ("source", "path", "num_images", "seed", "image_size", "unreadable")
 _SEARCH = ("strategy", "grid", "sampler", "seed", "scheduler", "grace_images", "reduction_factor",
            "starting_points", "defaults")
 _MODEL = ("name", "backbone", "pretrained", "gradient_scaling")
+#: job.json's record of what MLflow-named feedback weights resolved to (:mod:`pctune.lineage`)
+LINEAGE_KEY = "feedback_weights_lineage"
 
 
 def evaluation_arrays(prep: Prepared) -> dict:
@@ -82,8 +84,10 @@ def _weights(job) -> dict[str, str | None]:
         return {"model.demo_weights": _digest_text(_digest_file(paths["backbone"]) + _digest_file(paths["feedback"]))}
     feedback = model.feedback_weights
     feedback = [feedback] if isinstance(feedback, str) else feedback
-    return {"model.backbone_weights": _located(model.backbone_weights),
-            "model.feedback_weights": None if feedback is None else " + ".join(_located(p) for p in feedback)}
+    named = None if feedback is None else " + ".join(_located(p) for p in feedback)
+    if job.weights_lineage and feedback:  # named by MLflow: the version it resolved to, not the cache's path
+        named = f"{job.weights_lineage['pinned']} ({_digest_file(Path(feedback[0]))})"
+    return {"model.backbone_weights": _located(model.backbone_weights), "model.feedback_weights": named}
 
 
 def _located(path: str | None) -> str | None:
@@ -130,7 +134,7 @@ def job_record(prep: Prepared, identity: dict[str, Any]) -> dict:
             "starting_points": [{"label": p.label, "config": hparams_to_config(p.hparams)}
                                 for p in prep.starting_points],
             "fingerprint": identity, "job": {k: v for k, v in asdict(job).items() if k != "tables"},
-            "tables": job.tables}
+            "tables": job.tables, LINEAGE_KEY: job.weights_lineage}
 
 
 def recorded_fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -166,6 +166,8 @@ class Job:
     resume: bool = False
     # the TOML tables it was read from (flags applied): job.json records them, RunDir.job reads them back
     tables: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # feedback weights named by MLflow: what the URI resolved to (pctune.lineage; job.json records it)
+    weights_lineage: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def kinds(self) -> Kinds:

@@ -13,6 +13,7 @@ import numpy as np
 from pctune.data.sources import data_source
 from pctune.errors import PctuneError
 from pctune.models.spec import ModelSpec
+from pctune.models.weights import is_weights_uri
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
 from pctune.search.images import (  # noqa: F401 (re-exported: they were defined here before)
@@ -112,6 +113,9 @@ def check_paths(job: Job) -> None:
         raise PctuneError(f"{job.source}: data.path: {job.data.path}: no such directory (pass --data PATH)")
     weights = job.model.feedback_weights
     for path in [weights] if isinstance(weights, str) else (weights or []):
+        if is_weights_uri(path):  # resolved by the orchestration (pctune.lineage) before the search starts
+            raise PctuneError(f"{job.source}: model.feedback_weights: {path} names MLflow weights, which "
+                              "pctune.pipeline.search resolves to a file first (run the search with `pctune search`)")
         if not Path(path).exists():
             raise PctuneError(f"{job.source}: model.feedback_weights: {path}: no such file or directory "
                               "(pass --feedback-weights PATH)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 
 from pctune.models.registry import output_classes
 from pctune.models.spec import ModelSpec
+from pctune.models.state import model_from_state, state_arrays  # noqa: F401 (re-exported)
 from pctune.pc.hyperparameters import Hyperparameters
 from pctune.pc.network import PredictiveNet
 from pctune.search.objective import RunningSums, default_penalty, score_chunks
@@ -65,23 +65,6 @@ def digest_arrays(arrays: dict[str, np.ndarray]) -> str:
         h.update(str(a.dtype).encode() + str(a.shape).encode())
         h.update(a.data)
     return h.hexdigest()
-
-
-def state_arrays(net: PredictiveNet) -> dict[str, np.ndarray]:
-    """The network's state dict as numpy arrays (zero-copy reads from the object store)."""
-    return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
-
-
-def model_from_state(spec: ModelSpec, state: dict[str, np.ndarray] | None = None) -> PredictiveNet:
-    from pctune.models.backbones import build_backbone
-    from pctune.models.registry import build_from_spec
-
-    net = build_from_spec(spec, build_backbone(spec.backbone, False, None, **spec.backbone_kwargs))
-    if state is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only numpy arrays from the object store
-            net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    return net.eval()
 
 
 def trial_device() -> torch.device:
