@@ -32,10 +32,13 @@ def with_local_weights(job: Job, tracking_uri: str, log: Log, *, new_search: boo
         return job
     check_reachable(tracking_uri)  # seconds, not MLflow's minutes of retries, for a server that is down
     recorded = None if new_search else _recorded(job)
-    resolved = _kept(recorded, source, tracking_uri, log) if recorded else resolve_weights_uri(source, tracking_uri)
     from pctune.data.demo import cache_root
 
-    local = fetch_weights(resolved, tracking_uri, cache_root())
+    try:
+        resolved = _kept(recorded, source, tracking_uri, log) if recorded else resolve_weights_uri(source, tracking_uri)
+        local = fetch_weights(resolved, tracking_uri, cache_root())
+    except PctuneError as exc:
+        raise PctuneError(f"{job.source}: model.feedback_weights: {exc}") from None
     log(f"feedback weights: {resolved.describe()}")
     return replace(job, model=replace(job.model, feedback_weights=str(local)), weights_lineage=resolved.lineage())
 

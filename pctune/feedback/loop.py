@@ -61,6 +61,7 @@ def train_decoders(net: PredictiveNet, images, val_images, split: tuple[np.ndarr
     optimizer = torch.optim.Adam(net.decoders.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
     run = _Run(net, model, optimizer, plan, rank, world, device, save)
     run.restore(start, log)
+    run.started_at = [run.at.epoch, run.at.step]  # in every report: the driver sees a restart by it
     try:
         for epoch in range(run.at.epoch, plan.epochs + 1):
             if run.stopped_early():
@@ -84,7 +85,9 @@ class _Run:
         self.best: dict | None = None
         self.local = torch.zeros(net.num_pcoders, dtype=torch.float64)
         self.local_count = 0
-        self.step_losses: list[tuple[int, float]] = []  # (global step, loss) since the last checkpoint
+        self.step_losses: list[tuple[int, float]] = []  # (global step, this rank's part of its loss) since the
+        # last report
+        self.started_at = [1, 0]  # (epoch, step) this session started from
         self.started, self.seen_before = time.perf_counter(), 0  # this session's start of the epoch
         self.autocast = _autocast(plan.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
@@ -107,10 +110,11 @@ class _Run:
                    disable=not progress, leave=False, unit="step")
         for k, batch in enumerate(bar, start=self.at.step + 1):
             interrupts.check()  # a stop asked for under interrupts.deferred(): between two steps
-            n = len(shares[k - 1])
-            loss = self.step(batch[0] if isinstance(batch, list | tuple) else batch, n, len(batches[k - 1]))
+            n, size = len(shares[k - 1]), len(batches[k - 1])
+            loss = self.step(batch[0] if isinstance(batch, list | tuple) else batch, n, size)
             self.at.step = k
-            self.step_losses.append(((epoch - 1) * len(batches) + k, loss))  # every epoch has as many steps
+            # (every epoch has as many steps; the global batch's loss is summed across ranks at the report)
+            self.step_losses.append(((epoch - 1) * len(batches) + k, loss * n / size))
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             if self.plan.checkpoint_every and k % self.plan.checkpoint_every == 0 and k < len(batches):
                 self._carry()
@@ -118,7 +122,7 @@ class _Run:
 
     def step(self, images: torch.Tensor, n: int, batch: int) -> float:
         """One optimizer step; this rank's loss weighted by its share of the global batch (module doc of
-        :mod:`pctune.feedback.plan`). Returns the step's global-batch loss as this rank saw it."""
+        :mod:`pctune.feedback.plan`). Returns the loss of this rank's share."""
         images = images.to(self.device, non_blocking=True)
         with self.autocast:
             losses = reconstruction_losses(self.net, images, self.model)
@@ -190,8 +194,12 @@ class _Run:
         return tensor
 
     def _take_steps(self) -> dict[str, Any]:
+        """The steps since the last report with their global batch's loss (each rank's share of it, summed:
+        one collective per report, not per step)."""
         steps, self.step_losses = self.step_losses, []
-        return {"step_losses": steps}
+        losses = self._sum(torch.tensor([loss for _, loss in steps], dtype=torch.float64)).tolist()
+        return {"step_losses": [(step, loss) for (step, _), loss in zip(steps, losses, strict=True)],
+                "started_at": self.started_at}
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:

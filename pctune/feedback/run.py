@@ -168,10 +168,16 @@ class _Reporter:
 
     def __init__(self, out: Path, run: FeedbackRun, epochs: int, log: Log) -> None:
         self.out, self.run, self.epochs, self.log = out, run, epochs, log
+        self.started_at = None
 
     def __call__(self, checkpoint: dict | None, report: dict) -> None:
         from pctune.feedback.loop import summary
 
+        if self.started_at is not None and report.get("started_at") != self.started_at:
+            epoch, step = report["started_at"]
+            self.log(f"Ray Train restarted the workers after a failure: training continues from the checkpoint "
+                     f"at epoch {epoch} step {step}")
+        self.started_at = report.get("started_at")
         if checkpoint is not None:
             atomic_torch_save(checkpoint, self.out / CHECKPOINT_FILE)
         self.run.log_steps(report.get("step_losses", []))
