@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RGB_SPEC, image_folder
+from helpers import ROOT, TINY_RGB_SPEC, image_folder
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -121,3 +121,75 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_training_continues_from_the_l
     steady_history = torch.load(steady / "feedback.pt", weights_only=True)["history"]
     for a, b in zip(steady_history, history, strict=True):
         assert a["images"] == b["images"] and abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
+
+
+BYO_SPEC = """name = "pmobile"
+description = "MobileNetV3-small (torchvision, not in the zoo) + 3 pcoders"
+backbone = "torchvision/mobilenet_v3_small"
+backbone_kwargs = { num_classes = 3 }
+input_size = [3, 32, 32]
+[[pcoders]]
+module = "features.0"
+[[pcoders]]
+module = "features.1"
+[[pcoders]]
+module = "features.3"
+"""
+
+
+def test_bring_your_own_cnn_end_to_end_with_the_weights_passed_by_name(data, tmp_path):
+    """A backbone outside the zoo: its spec, feedback trained on 2 workers and registered, a search that
+    names the weights by their MLflow name, the champion in MLflow, a promotion stage."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    (tmp_path / "pmobile.toml").write_text(BYO_SPEC)
+    images = data / "images"
+    job = tmp_path / "byo.toml"
+    job.write_text(f"""
+[model]
+name = "{tmp_path}/pmobile.toml"
+feedback_weights = "models:/pmobile-feedback@latest"
+[data]
+source = "imagenet-val"
+path = "{images}"
+num_images = 30
+[objective]
+timesteps = 2
+batch_size = 10
+[search]
+space = "{ROOT}/search_spaces/demo.toml"
+num_samples = 3
+max_concurrent_trials = 1
+starting_points = []
+[run]
+storage_path = "{tmp_path}/runs"
+[promotion]
+top_k = 1
+auto = false
+stages = ["noise"]
+[promotion.noise]
+timesteps = 2
+sigmas = [0.0, 0.5]
+num_images = 12
+""")
+    commands = [
+        ["train-feedback", str(tmp_path / "pmobile.toml"), "--data", str(images), "--out", str(tmp_path / "fb"),
+         "--epochs", "1", "--batch-size", "8", "--workers", "0", "--num-workers", "2"],
+        ["search", str(job)],
+        ["promote", str(job)],
+    ]
+    outputs = []
+    for command in commands:
+        done = subprocess.run([sys.executable, "-m", "pctune.cli", *command], capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert "registered as models:/pmobile-feedback/1" in outputs[0]
+    assert "feedback weights: models:/pmobile-feedback@latest -> version 1 of pmobile-feedback" in outputs[1]
+    assert "registered model 'byo' version 1 as @champion" in outputs[1]
+    assert "promotion: rank1 noise" in outputs[2]
+    from pctune.tracking import load_champion
+
+    net, _hparams, _t = load_champion("byo", uri)
+    trained = torch.load(tmp_path / "fb" / "feedback.pt", weights_only=True)["decoders"]
+    assert net.name == "pmobile" and all(torch.equal(net.decoders.state_dict()[k], v) for k, v in trained.items())

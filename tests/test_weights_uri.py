@@ -41,7 +41,7 @@ def _job(tmp_path, feedback: str):
 def _parent(uri: str, experiment: str = "pctune-demo"):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    return next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
 
 
 @pytest.mark.slow
