@@ -49,7 +49,7 @@ def resolve_weights_uri(uri: str, tracking_uri: str) -> ResolvedWeights:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     model, run = _MODEL_URI.fullmatch(uri), _RUN_URI.fullmatch(uri)
     try:
         if model:
@@ -91,7 +91,7 @@ def fetch_weights(resolved: ResolvedWeights, tracking_uri: str, cache: str | Pat
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=resolved.pinned, dst_path=str(staging),
-                                                tracking_uri=tracking_uri)
+                                                tracking_uri=tracking_uri, registry_uri=tracking_uri)
             staging.rename(folder)
         except MlflowException as exc:
             reason = first_line(exc)[:200]
