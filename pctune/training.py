@@ -156,15 +156,21 @@ def _resume(net: PredictiveNet, optimizer, path: Path | None, log) -> list[dict]
     if not path.is_file():
         log(f"no checkpoint at {path}: starting from scratch")
         return []
-    from pctune.models.backbones import load_checkpoint
-
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or not {"model", "decoders", "optimizer", "history"} <= set(state):
-        raise PctuneError(f"{path}: not a train-feedback checkpoint (delete it, or run without --resume)")
-    if state.get("model") != net.name:
-        raise PctuneError(f"{path} was trained for {state.get('model')!r}, not {net.name!r}")
+    state = load_training_checkpoint(path, net.name)
     net.decoders.load_state_dict(state["decoders"])
     optimizer.load_state_dict(state["optimizer"])
     history = list(state["history"])
     log(f"resumed from {path} after epoch {len(history)}")
     return history
+
+
+def load_training_checkpoint(path: Path, model: str) -> dict:
+    """A train-feedback checkpoint (``last.pt``) of ``model``, or a one-line error saying what it is not."""
+    from pctune.models.backbones import load_checkpoint
+
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not {"model", "decoders", "optimizer", "history"} <= set(state):
+        raise PctuneError(f"{path}: not a train-feedback checkpoint (delete it, or run without --resume)")
+    if state.get("model") != model:
+        raise PctuneError(f"{path} was trained for {state.get('model')!r}, not {model!r}")
+    return state

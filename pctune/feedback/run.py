@@ -64,7 +64,7 @@ def train(request: TrainRequest, log: Log = print_line) -> dict[str, Any]:
     from pctune.models.registry import model_classes
 
     source = FolderSource(str(Path(request.data).resolve()), size, model_classes(net, count=False))
-    images, _ = source.open()
+    images, val_images = source.open()
     if len(images) == 0:
         raise PctuneError(f"{request.data}: no images")
     split = split_indices(len(images), request.plan.val_fraction, request.plan.seed)
@@ -75,7 +75,7 @@ def train(request: TrainRequest, log: Log = print_line) -> dict[str, Any]:
         f"checkpoints in {request.out}; MLflow run {run.run_id} at {uri}")
     reporter = _Reporter(request.out, run, request.plan.epochs, log)
     with _stops_as_interrupted(net.name, request.out, request.plan.epochs, run):
-        final = _fit(request, net, images, source, split, start, reporter, log)
+        final = _fit(request, net, (images, val_images), source, split, start, reporter, log)
     return _finish(request, net, final, run, log)
 
 
@@ -112,13 +112,9 @@ def _resume_point(request: TrainRequest, model: str, log: Log) -> dict | None:
     if not path.is_file():
         log(f"no checkpoint at {path}: starting from scratch")
         return None
-    from pctune.models.backbones import load_checkpoint
+    from pctune.training import load_training_checkpoint
 
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or not {"model", "decoders", "optimizer", "history"} <= set(state):
-        raise PctuneError(f"{path}: not a train-feedback checkpoint (delete it, or run without --resume)")
-    if state.get("model") != model:
-        raise PctuneError(f"{path} was trained for {state.get('model')!r}, not {model!r}")
+    state = load_training_checkpoint(path, model)
     log(f"resumed from {path} {_position(state)}")
     return state
 
@@ -187,16 +183,15 @@ class _Reporter:
             self.log(summary(record, self.epochs))
 
 
-def _fit(request: TrainRequest, net, images, source: FolderSource, split, start, reporter, log) -> dict[str, Any]:
+def _fit(request: TrainRequest, net, datasets, source: FolderSource, split, start, reporter, log) -> dict[str, Any]:
     import torch
 
     if request.workers.count == 1 and not request.address:
         from pctune.feedback.loop import train_decoders
 
         device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        _, val_images = source.open()
         with interrupts.deferred():  # a signal stops the loop at the next step, never mid-checkpoint
-            return train_decoders(net, images, val_images, split, request.plan, save=reporter, start=start,
+            return train_decoders(net, *datasets, split, request.plan, save=reporter, start=start,
                                   device=device, loader_workers=request.workers.loader_workers, log=lambda _m: None)
     import ray
 
