@@ -109,3 +109,25 @@ def test_a_weights_name_mlflow_does_not_hold_is_one_line_before_any_trial(tmp_pa
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("pctune: error: ") and named in err, err
     assert not (storage / "demojob").exists()
+
+
+def test_weights_are_fetched_from_the_given_store_whatever_the_process_wide_mlflow_uri(tmp_path):
+    """MLflow's own ``models:/`` download asks the process-wide registry for the version; an earlier
+    ``mlflow.set_tracking_uri`` to a server that is gone must not break a fetch from another store."""
+    import mlflow
+
+    from pctune.tracking.weights import fetch_weights, resolve_weights_uri
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    weights = tmp_path / "feedback.pt"
+    torch.save({"pcoder1": torch.ones(2)}, weights)
+    _register(uri, weights)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri("http://127.0.0.1:9")  # nothing listens on the discard port
+    try:
+        resolved = resolve_weights_uri("models:/demo-feedback@latest", uri)
+        fetched = fetch_weights(resolved, uri, tmp_path / "cache")
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert resolved.pinned == "models:/demo-feedback/1"
+    assert torch.equal(torch.load(fetched)["pcoder1"], torch.ones(2))

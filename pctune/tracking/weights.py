@@ -76,6 +76,18 @@ def _latest(client, name: str):
     return max(versions, key=lambda v: int(v.version))
 
 
+def _storage_uri(resolved: ResolvedWeights, tracking_uri: str) -> str:
+    """Where the files of ``resolved.pinned`` are stored. MLflow's own ``models:/`` download asks the
+    process-wide registry (``mlflow.get_registry_uri()``) for the version, whatever registry URI it is
+    given, so a version is looked up here, in ``tracking_uri``'s registry, and its storage downloaded."""
+    if not resolved.model:
+        return resolved.pinned
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return client.get_model_version_download_uri(resolved.model, resolved.version)
+
+
 def fetch_weights(resolved: ResolvedWeights, tracking_uri: str, cache: str | Path) -> Path:
     """The local copy of ``resolved.pinned`` under ``cache`` (downloaded once, into a temporary folder
     renamed into place, so an interrupted download is never taken for a copy): its one file, or the
@@ -90,8 +102,8 @@ def fetch_weights(resolved: ResolvedWeights, tracking_uri: str, cache: str | Pat
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=resolved.pinned, dst_path=str(staging),
-                                                tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            mlflow.artifacts.download_artifacts(artifact_uri=_storage_uri(resolved, tracking_uri),
+                                                dst_path=str(staging), tracking_uri=tracking_uri)
             staging.rename(folder)
         except MlflowException as exc:
             reason = first_line(exc)[:200]
