@@ -2,8 +2,8 @@
 does not depend on them) on generated 64x64 images, with 1 worker (in the command's process) and 2 Ray
 Train workers (DDP over gloo), the same global batch. Per configuration: images/s of the last epoch
 (the first warms up), seconds per step, and, for 2 workers, the per-step DDP overhead: a 2-worker step
-against a 1-worker step on half the batch (what each worker computes), i.e. what the gradient
-all-reduce and the step's synchronisation add. Writes JSON:
+against a 1-worker step on half the batch with one thread (what each worker computes: Ray gives an
+actor of one CPU one thread), i.e. what the gradient all-reduce and the step's synchronisation add. Writes JSON:
 
     python benchmarks/feedback_training.py --out benchmarks/results/feedback_training_cpu.json
 
@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361")  # ImageNet classes: PVGG16 predicts those
+
 
 def _images(root: Path, count: int, size: int) -> Path:
     rng = np.random.default_rng(0)
     for i in range(count):
-        folder = root / f"n{i % 4:02d}"
+        folder = root / WNIDS[i % len(WNIDS)]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return root
@@ -44,9 +46,20 @@ def _train(data: Path, out: Path, args, batch: int, workers: int) -> dict:
                                 workers=Workers(workers, args.gpus_per_worker, 0), image_size=args.image_size,
                                 device=args.device), log=lambda _m: None)
     last = result["history"][-1]
-    return {"workers": workers, "global_batch": batch, "steps": last["steps"], "images": last["images"],
+    weights = torch.load(result["weights"], map_location="cpu")
+    tensors = [t for t in _tensors(weights) if t.is_floating_point()]
+    return {"decoder_parameters": sum(t.numel() for t in tensors),
+            "workers": workers, "global_batch": batch, "steps": last["steps"], "images": last["images"],
             "seconds": round(last["seconds"], 3), "images_per_s": round(last["images_per_s"], 2),
             "seconds_per_step": round(last["seconds"] / last["steps"], 4)}
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
 
 
 def main() -> None:
@@ -66,12 +79,18 @@ def main() -> None:
         data = _images(tmp / "images", args.images, args.image_size)
         one = _train(data, tmp / "one", args, args.batch_size, 1)
         half = _train(data, tmp / "half", args, args.batch_size // 2, 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # what each Ray Train worker computes with: Ray gives an actor of 1 CPU 1 thread
+        half_one_thread = _train(data, tmp / "half-1", args, args.batch_size // 2, 1)
+        torch.set_num_threads(threads)
         two = _train(data, tmp / "two", args, args.batch_size, 2)
     report = {"model": "pvgg16", "image_size": args.image_size, "device": args.device,
               "precision": args.precision, "cpu": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "one_worker": one, "one_worker_half_batch": half, "two_workers": two,
-              "ddp_overhead_s_per_step": round(two["seconds_per_step"] - half["seconds_per_step"], 4)}
+              "one_worker": one, "one_worker_half_batch": half,
+              "one_worker_half_batch_one_thread": half_one_thread, "two_workers": two,
+              "ddp_overhead_s_per_step": round(two["seconds_per_step"] - half_one_thread["seconds_per_step"], 4),
+              "all_reduce_mb_per_step": round(two["decoder_parameters"] * 4 / 2**20, 1)}
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
