@@ -8,9 +8,11 @@ MLflow (SQLite).
   relative 1e-5 of each tensor's largest entry (measured: 4e-7), and every step's loss to 1e-5.
 - A worker SIGKILLed mid-epoch: Ray Train replaces it, the workers continue from the last checkpoint,
   the training finishes with every step logged once (no gap, no step before the checkpoint again) and
-  the same weights as a run that was not disturbed.
+  the same weights as a run that was not disturbed. The driver SIGKILLed with its local Ray: the same
+  command with ``--resume`` does the same, in the same MLflow run.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -58,8 +60,6 @@ def _worst(a: dict, b: dict) -> float:
 
 
 def _step_losses(uri: str, out: Path) -> list[tuple[int, float]]:
-    import json
-
     run_id = json.loads((out / "mlflow-run.json").read_text())["run_id"]
     history = MlflowClient(uri).get_metric_history(run_id, "train_step_loss")
     return sorted((m.step, m.value) for m in history)
@@ -90,19 +90,46 @@ def _train_workers() -> list[int]:
             if line.split(None, 1)[-1].startswith("ray::RayTrainWorker")]
 
 
-def test_a_worker_killed_mid_epoch_is_replaced_and_training_continues_from_the_last_checkpoint(data, tmp_path):
+FAULT_RUN = ["--epochs", "2", "--num-workers", "2", "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def steady(data, tmp_path_factory) -> Path:
+    """A 2-worker run nothing disturbs: what a run with a fault must reproduce."""
+    root = tmp_path_factory.mktemp("steady")
+    _run(data, root / "out", f"sqlite:///{root}/mlflow.db", *FAULT_RUN)
+    return root / "out"
+
+
+def _until_checkpoint(driver: subprocess.Popen, out: Path, log: Path) -> None:
+    """Wait for the first checkpoint inside epoch 1 (``--checkpoint-every 3``) and live train workers."""
+    deadline = time.time() + 300
+    while not (out / "last.pt").is_file() or not _train_workers():
+        assert driver.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def _assert_reproduces(steady: Path, out: Path, uri: str) -> None:
+    """Every step logged once in MLflow (no gap, none run again) and the undisturbed run's weights and
+    history: the same order, the same crops, the same sums carried over the fault."""
+    assert [s for s, _ in _step_losses(uri, out)] == list(range(1, 29)), "every step logged once"
+    history = torch.load(out / "feedback.pt", weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert _worst(_decoders(steady), _decoders(out)) < 1e-5
+    steady_history = torch.load(steady / "feedback.pt", weights_only=True)["history"]
+    for a, b in zip(steady_history, history, strict=True):
+        assert a["images"] == b["images"] and abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
+
+
+def test_a_worker_killed_mid_epoch_is_replaced_and_training_continues_from_the_last_checkpoint(data, steady,
+                                                                                                 tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    steady, killed = tmp_path / "steady", tmp_path / "killed"
-    extra = ["--epochs", "2", "--num-workers", "2", "--checkpoint-every", "3"]
-    _run(data, steady, uri, *extra)
+    killed = tmp_path / "killed"
     log = (tmp_path / "killed.log").open("w")
-    driver = subprocess.Popen(_command(data, killed, *extra), stdout=log, stderr=subprocess.STDOUT,
+    driver = subprocess.Popen(_command(data, killed, *FAULT_RUN), stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while not (killed / "last.pt").is_file() or not _train_workers():  # a checkpoint inside epoch 1
-            assert driver.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()
-            time.sleep(0.2)
+        _until_checkpoint(driver, killed, tmp_path / "killed.log")
         victim = _train_workers()[-1]
         os.kill(victim, signal.SIGKILL)
         assert driver.wait(timeout=400) == 0, (tmp_path / "killed.log").read_text()
@@ -112,15 +139,31 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_training_continues_from_the_l
         log.close()
     out = (tmp_path / "killed.log").read_text()
     assert "Ray Train restarted the workers after a failure: training continues from the checkpoint at epoch" in out
-    steps = _step_losses(uri, killed)
-    assert [s for s, _ in steps] == list(range(1, 29)), "every step logged once: no gap, none run again"
-    history = torch.load(killed / "feedback.pt", weights_only=True)["history"]
-    assert [h["epoch"] for h in history] == [1, 2]
-    # the restart reproduces the undisturbed run: same order, same crops, same sums carried over
-    assert _worst(_decoders(steady), _decoders(killed)) < 1e-5
-    steady_history = torch.load(steady / "feedback.pt", weights_only=True)["history"]
-    for a, b in zip(steady_history, history, strict=True):
-        assert a["images"] == b["images"] and abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
+    _assert_reproduces(steady, killed, uri)
+
+
+def test_a_driver_killed_mid_epoch_resumes_on_ray_train_from_its_checkpoint_in_the_same_mlflow_run(data, steady,
+                                                                                                    tmp_path):
+    """The driver and its local Ray SIGKILLed (the node lost) after a checkpoint inside epoch 1; the same
+    command with --resume continues from OUT/last.pt in the same MLflow run. Steps the dead driver had
+    logged past that checkpoint are recomputed but not logged twice."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out, log_path = tmp_path / "out", tmp_path / "driver.log"
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(_command(data, out, *FAULT_RUN), stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+        try:
+            _until_checkpoint(driver, out, log_path)
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    run_id = (out / "mlflow-run.json").read_text()
+    assert not (out / "feedback.pt").exists()
+    resumed = _run(data, out, uri, *FAULT_RUN, "--resume")
+    assert "resumed from" in resumed and "at epoch 1 step" in resumed, resumed
+    assert (out / "mlflow-run.json").read_text() == run_id
+    assert MlflowClient(uri).get_run(json.loads(run_id)["run_id"]).info.status == "FINISHED"
+    _assert_reproduces(steady, out, uri)
 
 
 BYO_SPEC = """name = "pmobile"

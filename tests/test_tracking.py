@@ -126,3 +126,25 @@ def test_search_summary_logs_scores_csv_and_plots(server, tmp_path):
     assert run.data.tags["best.pcoder1.beta"] == str(trials.loc[trials.mean_ce.idxmin(), "pcoder1.beta"])
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {"leaderboard.csv", "score_over_trials.png", "accuracy_per_timestep.png", "param_importances.png"} <= files
+
+
+def test_a_reopened_feedback_run_logs_only_the_steps_and_epochs_after_those_it_holds(tmp_path):
+    """A driver killed after logging steps past its last checkpoint recomputes them after --resume: the
+    reopened run must not hold them twice. (MLflow's SQL store collapses a metric logged again with the
+    same value and timestamp, but a recomputed step may differ in the last bits: a GPU's kernels.)"""
+    from pctune.tracking.feedback import FeedbackRun
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    record = {"loss": 0.5, "pcoder_losses": [0.2, 0.3]}
+    first = FeedbackRun(uri, "tiny-feedback")
+    first.start("tiny", {"model": "tiny"})
+    first.log_steps([(s, 1.0 / s) for s in range(1, 6)])
+    first.log_epoch({**record, "epoch": 1})
+    again = FeedbackRun(uri, "tiny-feedback", first.run_id)
+    again.start("tiny", {"model": "tiny"})
+    again.log_steps([(s, 1.0 / s + 1e-7) for s in range(4, 9)])  # recomputed: equal up to float rounding
+    again.log_epoch({**record, "epoch": 1, "loss": 0.5000001})
+    again.log_epoch({**record, "epoch": 2})
+    client = MlflowClient(uri)
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "train_step_loss")) == list(range(1, 9))
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "train_recon_loss")) == [1, 2]

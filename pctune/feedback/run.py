@@ -174,12 +174,15 @@ class _Reporter:
             self.log(f"Ray Train restarted the workers after a failure: training continues from the checkpoint "
                      f"at epoch {epoch} step {step}")
         self.started_at = report.get("started_at")
-        if checkpoint is not None:
-            atomic_torch_save(checkpoint, self.out / CHECKPOINT_FILE)
+        # MLflow first, then the checkpoint: a driver killed between the two recomputes those steps after
+        # --resume, and the reopened run skips the ones it holds (the other order would leave a gap)
         self.run.log_steps(report.get("step_losses", []))
         record = report.get("record")
-        if record:  # (a checkpoint inside an epoch is not a line: the progress bar shows the steps)
+        if record:
             self.run.log_epoch(record)
+        if checkpoint is not None:
+            atomic_torch_save(checkpoint, self.out / CHECKPOINT_FILE)
+        if record:  # (a checkpoint inside an epoch is not a line: the progress bar shows the steps)
             self.log(summary(record, self.epochs))
 
 

@@ -51,6 +51,7 @@ class FeedbackRun:
         except Exception as exc:  # MLflow raises its own and requests' exception types
             raise PctuneError(f"cannot use MLflow experiment {experiment!r} at {uri}: {first_line(exc)}") from exc
         self.run_id = run_id
+        self.logged_step = self.logged_epoch = 0  # what the run holds already: a resume logs only what follows
 
     def start(self, model: str, params: Mapping[str, Any]) -> str:
         """A new run with ``params``, or (a resume) the run given, reopened."""
@@ -61,17 +62,29 @@ class FeedbackRun:
             self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         else:
             self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_step = self._last_step("train_step_loss")
+            self.logged_epoch = self._last_step("train_recon_loss")
         return self.run_id
 
+    def _last_step(self, metric: str) -> int:
+        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+
     def log_epoch(self, record: Mapping[str, Any]) -> None:
-        """One epoch of the history (:func:`pctune.training.train_feedback`), at step = epoch."""
+        """One epoch of the history (:func:`pctune.training.train_feedback`), at step = epoch (an epoch the
+        run holds already, from before a resume, is not logged again)."""
+        if int(record["epoch"]) <= self.logged_epoch:
+            return
+        self.logged_epoch = int(record["epoch"])
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, 0, int(record["epoch"]))
                                                     for k, v in epoch_metrics(record).items()])
 
     def log_steps(self, losses: Sequence[tuple[int, float]]) -> None:
         """``train_step_loss`` at step = the global step (every step once: a report carries the steps since
-        the last, and a worker group restarted from a checkpoint reports only the steps after it)."""
-        metrics = [Metric("train_step_loss", float(loss), 0, int(step)) for step, loss in losses]
+        the last, and a worker group restarted from a checkpoint reports only the steps after it; a step the
+        run holds already, logged before the driver died and recomputed after a resume, is not logged again)."""
+        metrics = [Metric("train_step_loss", float(loss), 0, int(step)) for step, loss in losses
+                   if int(step) > self.logged_step]
+        self.logged_step = max([self.logged_step, *(m.step for m in metrics)])
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
 
