@@ -1,5 +1,6 @@
 """`pctune train-feedback` on a small generated ImageFolder."""
 
+import os
 import subprocess
 import sys
 
@@ -63,3 +64,28 @@ def test_train_feedback_bad_data_is_one_line(tmp_path):
                              str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip() == f"pctune: error: {tmp_path / 'missing'}: no such directory"
+
+
+BAD_SPEC = TINY_RGB_SPEC.replace('module = "features.7"', 'module = "features.99"')
+
+
+@pytest.mark.parametrize("case", ["more workers than CPUs", "an empty folder", "a layer the backbone lacks"])
+def test_train_feedback_bad_input_is_one_line_and_writes_nothing(tmp_path, image_folder, case):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.toml").write_text(BAD_SPEC)
+    (tmp_path / "tiny.toml").write_text(TINY_RGB_SPEC)
+    args, message = {
+        "more workers than CPUs": ([str(tmp_path / "tiny.toml"), "--data", str(image_folder), "--num-workers", "64"],
+                                   "--num-workers 64 needs 64 CPUs but the Ray cluster has "),
+        "an empty folder": (["pvgg16", "--data", str(tmp_path / "empty")],
+                            f"{tmp_path / 'empty'}: not an image folder"),
+        "a layer the backbone lacks": ([str(tmp_path / "bad.toml"), "--data", str(image_folder)],
+                                       "the backbone has no module named 'features.99'"),
+    }[case]
+    result = subprocess.run([sys.executable, "-m", "pctune.cli", "train-feedback", *args, "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pctune:") or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"pctune: error: {message}"), result.stderr
+    assert not (tmp_path / "out").exists(), "a refused training leaves no output folder"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -55,6 +56,8 @@ def train(request: TrainRequest, log: Log = print_line) -> dict[str, Any]:
     """Train, track and register; returns {"weights", "version", "history", "best_epoch"}."""
     from pctune.tracking.store import check_reachable, resolve_tracking_uri
 
+    if _on_ray(request):
+        _check_workers(request.workers, request.address, log)  # a local Ray's resources, before anything starts
     uri = resolve_tracking_uri(request.tracking_uri)
     check_reachable(uri)
     net = _model(request, uri)
@@ -189,7 +192,7 @@ class _Reporter:
 def _fit(request: TrainRequest, net, datasets, source: FolderSource, split, start, reporter, log) -> dict[str, Any]:
     import torch
 
-    if request.workers.count == 1 and not request.address:
+    if not _on_ray(request):
         from pctune.feedback.loop import train_decoders
 
         device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -206,22 +209,24 @@ def _fit(request: TrainRequest, net, datasets, source: FolderSource, split, star
 
     connect(request.address, log)
     try:
-        _check_workers(request.workers)
+        _check_workers(request.workers, request.address, log)  # a cluster's, once joined
         return cluster.fit(get_spec(request.model), ray.put(state_arrays(net)), source, request.plan,
                            request.workers, request.out.resolve(), start, reporter)
     finally:
         localray.shutdown()
 
 
-def _check_workers(workers: Workers) -> None:
-    import ray
+def _on_ray(request: TrainRequest) -> bool:
+    """Ray Train for more than one worker or a named cluster; one worker trains in this process."""
+    return request.workers.count > 1 or bool(request.address)
 
-    have = ray.cluster_resources()
-    want = {"CPU": workers.count, "GPU": workers.count * workers.gpus_per_worker}
-    for key, amount in want.items():
-        if amount > have.get(key, 0):
-            raise PctuneError(f"--num-workers {workers.count} needs {amount:g} {key}s but the Ray cluster has "
-                              f"{have.get(key, 0):g}")
+
+def _check_workers(workers: Workers, address: str | None, log: Log) -> None:
+    from pctune.search.raycluster import check_fits
+
+    check_fits({"CPU": workers.count, "GPU": workers.count * workers.gpus_per_worker},
+               lambda key, want, have: (f"--num-workers {workers.count} needs {want:g} {key}s but the Ray cluster "
+                                        f"has {have:g}"), local=not (address or os.environ.get("RAY_ADDRESS")), log=log)
 
 
 @contextlib.contextmanager

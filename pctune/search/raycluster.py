@@ -4,6 +4,7 @@ trial's resources fit before the first trial waits for them forever."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pctune import localray
@@ -33,25 +34,34 @@ def connect(address: str | None, log: Log = print_line) -> None:
 
 def check_resources(job: Job, log: Log = print_line) -> None:
     """A trial that asks for more than the cluster has would wait forever: an error on a local Ray, a
-    warning on a cluster (which may scale up). A local Ray's resources are this machine's, known before
-    Ray starts (so a refused search starts no Ray); a cluster's are asked of Ray, after connecting."""
+    warning on a cluster (which may scale up)."""
+    flags = {"GPU": ("gpu", "--gpus-per-trial"), "CPU": ("cpu", "--cpus-per-trial")}
+    check_fits({ray_key: job.search.resources[key] for ray_key, (key, _flag) in flags.items()},
+               lambda ray_key, want, have: (f"{job.source}: search.resources.{flags[ray_key][0]} = {want:g} per "
+                                            f"trial but the Ray cluster has {have:g} (set {flags[ray_key][1]})"),
+               local=cluster_address(job) is None, log=log)
+
+
+def check_fits(want: Mapping[str, float], message: Callable[[str, float, float], str], local: bool,
+               log: Log = print_line) -> None:
+    """Each Ray resource of ``want`` (``"CPU"``, ``"GPU"``) against what the Ray has: ``message(key, want,
+    have)`` as an error on a local Ray, as a warning on a cluster (which may scale up). A local Ray's
+    resources are this machine's, known before Ray starts (so a refused command starts no Ray); a
+    cluster's are asked of Ray, after connecting (before that, nothing is checked)."""
     import ray
 
-    local = cluster_address(job) is None
     if ray.is_initialized():
         have = ray.cluster_resources()
     elif local:
         have = local_resources()
     else:
         return
-    for key, ray_key, flag in (("gpu", "GPU", "--gpus-per-trial"), ("cpu", "CPU", "--cpus-per-trial")):
-        want = job.search.resources[key]
-        if want > have.get(ray_key, 0):
-            message = (f"{job.source}: search.resources.{key} = {want:g} per trial but the Ray cluster has "
-                       f"{have.get(ray_key, 0):g} (set {flag})")
+    for key, amount in want.items():
+        if amount > have.get(key, 0):
+            text = message(key, amount, have.get(key, 0))
             if local:
-                raise PctuneError(message)
-            log(f"warning: {message}")
+                raise PctuneError(text)
+            log(f"warning: {text}")
 
 
 def cluster_address(job: Job) -> str | None:
