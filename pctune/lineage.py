@@ -17,7 +17,7 @@ from pctune.search.identity import LINEAGE_KEY
 from pctune.search.job import Job
 from pctune.search.rundir import RunDir
 from pctune.tracking.store import check_reachable
-from pctune.tracking.weights import ResolvedWeights, fetch_weights, resolve_weights_uri
+from pctune.tracking.weights import ResolvedWeights, fetch_named_weights, resolve_weights_uri
 from pctune.utils import Log
 
 
@@ -35,8 +35,8 @@ def with_local_weights(job: Job, tracking_uri: str, log: Log, *, new_search: boo
     from pctune.data.demo import cache_root
 
     try:
-        resolved = _kept(recorded, source, tracking_uri, log) if recorded else resolve_weights_uri(source, tracking_uri)
-        local = fetch_weights(resolved, tracking_uri, cache_root())
+        resolved, local = fetch_named_weights(source, tracking_uri, cache_root(),
+                                              _kept(recorded, source, tracking_uri, log) if recorded else None)
     except PctuneError as exc:
         raise PctuneError(f"{job.source}: model.feedback_weights: {exc}") from None
     log(f"feedback weights: {resolved.describe()}")

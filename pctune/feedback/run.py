@@ -88,9 +88,9 @@ def _model(request: TrainRequest, uri: str) -> PredictiveNet:
     feedback = request.feedback_weights
     if is_weights_uri(feedback):  # start from weights MLflow holds
         from pctune.data.demo import cache_root
-        from pctune.tracking.weights import fetch_weights, resolve_weights_uri
+        from pctune.tracking.weights import fetch_named_weights
 
-        feedback = str(fetch_weights(resolve_weights_uri(feedback, uri), uri, cache_root()))
+        feedback = str(fetch_named_weights(feedback, uri, cache_root())[1])
     net = create_model(request.model, pretrained=request.pretrained, backbone_weights=request.backbone_weights,
                        feedback_weights=feedback)
     if net.input_size[0] != 3:  # an image folder is read as RGB

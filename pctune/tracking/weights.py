@@ -114,3 +114,10 @@ def fetch_weights(resolved: ResolvedWeights, tracking_uri: str, cache: str | Pat
     if not files:
         raise PctuneError(f"{resolved.uri}: {resolved.pinned} holds no files")
     return files[0] if len(files) == 1 else folder
+
+
+def fetch_named_weights(uri: str, tracking_uri: str, cache: str | Path,
+                        resolved: ResolvedWeights | None = None) -> tuple[ResolvedWeights, Path]:
+    """What ``uri`` names now (or the ``resolved`` a run recorded earlier) and its local copy."""
+    resolved = resolved or resolve_weights_uri(uri, tracking_uri)
+    return resolved, fetch_weights(resolved, tracking_uri, cache)
