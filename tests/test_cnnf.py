@@ -113,3 +113,41 @@ def test_one_training_step_s_losses_match_a_hand_computation():
 def test_a_feedback_layer_outside_the_network_is_refused():
     with pytest.raises(ValueError, match="ind = 7"):
         CNNF(MNIST_BLOCKS, ind=7)
+
+
+@pytest.mark.parametrize("name", ["cnnf_mnist", "cnnf_demo"])
+def test_the_registered_cnnf_specs_build_and_iterate(name):
+    from pctune.models.cnnf import create_cnnf, get_cnnf_spec
+
+    spec = get_cnnf_spec(name)
+    net = create_cnnf(spec)
+    out = net.iterate(torch.randn(2, *spec.input_size), 2)
+    assert [tuple(l.shape) for l in out.logits] == [(2, spec.num_classes)] * 3
+    assert out.reconstructions[0].shape == out.target.shape
+
+
+def test_the_mnist_spec_is_the_authors_architecture():
+    from pctune.models.cnnf import get_cnnf_spec
+
+    assert list(get_cnnf_spec("cnnf_mnist").blocks) == MNIST_BLOCKS
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["blocks"][1].update(conv=[8, 32]), "blocks[1]: conv takes 8 channels but receives 16"),
+    (lambda d: d["blocks"][3].update(linear=[500, 64]), "blocks[3]: linear takes 500 features but receives 512"),
+    (lambda d: d["blocks"][0].update(colour=1), "blocks[0]: unknown key(s) colour"),
+    (lambda d: d.update(ind=9), "ind = 9: a block index, 0..4"),
+    (lambda d: d["blocks"][4].update(pool=2), "blocks[4]: norm and pool apply to conv blocks only"),
+])
+def test_a_spec_that_does_not_chain_is_one_line_naming_the_block(change, message):
+    import copy
+
+    from pctune import PctuneError
+    from pctune.models.cnnf import SPEC_DIR, cnnf_spec_from_mapping
+    from pctune.models.spec import read_toml
+
+    data = copy.deepcopy(read_toml(SPEC_DIR / "cnnf_demo.toml"))
+    change(data)
+    with pytest.raises(PctuneError) as info:
+        cnnf_spec_from_mapping(data, "my.toml")
+    assert str(info.value).startswith(f"my.toml: {message}")
