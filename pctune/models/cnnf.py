@@ -63,7 +63,7 @@ def get_cnnf_spec(name: str | Path) -> CNNFSpec:
 
 def create_cnnf(spec: CNNFSpec | str | Path) -> CNNF:
     spec = spec if isinstance(spec, CNNFSpec) else get_cnnf_spec(spec)
-    return CNNF(spec.blocks, ind=spec.ind, res=spec.res)
+    return CNNF(spec.blocks, ind=spec.ind, res=spec.res, name=spec.name, input_size=spec.input_size)
 
 
 def cnnf_spec_from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> CNNFSpec:

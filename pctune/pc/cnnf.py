@@ -125,11 +125,13 @@ class Iterations:
 class CNNF(nn.Module):
     """A CNN-F of ``blocks``: feedback to the input of block ``ind``, residual parameter ``res``."""
 
-    def __init__(self, blocks: Sequence[Block], ind: int = 0, res: float = 0.1) -> None:
+    def __init__(self, blocks: Sequence[Block], ind: int = 0, res: float = 0.1, *, name: str = "cnnf",
+                 input_size: Sequence[int] | None = None) -> None:
         super().__init__()
         if not 0 <= ind < len(blocks):
             raise ValueError(f"ind = {ind}: there are {len(blocks)} blocks (0..{len(blocks) - 1})")
         self.blocks, self.ind, self.res = tuple(blocks), ind, res
+        self.name, self.input_size = name, tuple(input_size) if input_size else None
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for block in self.blocks:
@@ -206,6 +208,17 @@ class CNNF(nn.Module):
         """The plain CNN (iteration 0)."""
         return self.forward_from(x)[0]
 
+    def run(self, x: Tensor, timesteps: int = 4, hparams: None = None, *, grad_mode: str = "none") -> Tensor:
+        """The logits of every iteration, ``[T+1, batch, classes]`` (index 0: the plain CNN), the contract
+        of :meth:`pctune.pc.network.PredictiveNet.run` that the evaluation stages call. CNN-F has no
+        test-time coefficients besides the iterations (``hparams`` must be None); ``grad_mode`` "none"
+        is inference, any other differentiates end to end through the iterations (the masks are
+        constants, as in the authors' end-to-end attack)."""
+        if hparams is not None:
+            raise ValueError("CNN-F takes no test-time hyperparameters besides the iterations")
+        with torch.no_grad() if grad_mode == "none" else torch.enable_grad():
+            return torch.stack(self.iterate(x, timesteps).logits)
+
     # -- helpers ---------------------------------------------------------------------------------
     def _input_of(self, x: Tensor, block: int) -> Tensor:
         """The input of ``block`` in the plain pass (x itself for block 0)."""
@@ -235,3 +248,24 @@ def cnnf_losses(out: Iterations, labels: Tensor, reconstruction_weight: float = 
     rec = (torch.stack([F.mse_loss(r, out.target) for r in out.reconstructions]).mean()
            if out.reconstructions else ce.new_zeros(()))
     return {"cross_entropy": ce, "reconstruction": rec, "total": ce + reconstruction_weight * rec}
+
+
+def train_epoch(net: CNNF, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor, *, iterations: int,
+                batch_size: int = 64, reconstruction_weight: float = 0.1,
+                generator: torch.Generator | None = None) -> dict[str, float]:
+    """One epoch over ``images`` in a seeded order (``generator``), training with ``iterations``
+    feedback iterations; returns the mean of each loss over the batches."""
+    net.train()
+    order = torch.randperm(len(images), generator=generator)
+    sums: dict[str, float] = {}
+    batches = 0
+    for start in range(0, len(images), batch_size):
+        index = order[start:start + batch_size]
+        losses = cnnf_losses(net.iterate(images[index], iterations), labels[index], reconstruction_weight)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value.item()
+        batches += 1
+    return {key: value / batches for key, value in sums.items()}
