@@ -130,11 +130,12 @@ def _version() -> str:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from pctune.models import get_spec, list_models
+    from pctune.models.families import FAMILIES
 
-    for name in list_models():
-        spec = get_spec(name)
-        print(f"{name:12s} {spec.num_pcoders} pcoders  {spec.backbone:24s} {spec.description}")
+    for i, family in enumerate(FAMILIES.values()):
+        print(f"{chr(10) if i else ''}{family.name}: {family.summary}")
+        for name in family.names():
+            print(f"{name:12s} {family.describe(name)}")
     return 0
 
 

@@ -151,3 +151,12 @@ def test_a_spec_that_does_not_chain_is_one_line_naming_the_block(change, message
     with pytest.raises(PctuneError) as info:
         cnnf_spec_from_mapping(data, "my.toml")
     assert str(info.value).startswith(f"my.toml: {message}")
+
+
+def test_pctune_models_lists_both_families(capsys):
+    from pctune.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("predify: ") and "\ncnnf: " in out
+    assert "\npvgg16       5 pcoders" in out and "\ncnnf_demo    5 blocks" in out and "\ncnnf_mnist   7 blocks" in out
