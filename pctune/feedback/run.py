@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -222,11 +221,11 @@ def _on_ray(request: TrainRequest) -> bool:
 
 
 def _check_workers(workers: Workers, address: str | None, log: Log) -> None:
-    from pctune.search.raycluster import check_fits
+    from pctune.search.raycluster import check_fits, ray_address
 
     check_fits({"CPU": workers.count, "GPU": workers.count * workers.gpus_per_worker},
                lambda key, want, have: (f"--num-workers {workers.count} needs {want:g} {key}s but the Ray cluster "
-                                        f"has {have:g}"), local=not (address or os.environ.get("RAY_ADDRESS")), log=log)
+                                        f"has {have:g}"), local=ray_address(address) is None, log=log)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ through every iteration (the masks are constants).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -105,11 +105,15 @@ class Latents:
     """The state one forward pass leaves for the feedback: per block its ReLU mask and pool state, the
     feedback each ReLU and pool saw last (what the next forward pass adapts to), and the input shapes."""
 
-    masks: list[Tensor | None] = field(default_factory=list)
-    pools: list[PoolState | None] = field(default_factory=list)
-    relu_g: list[Tensor | None] = field(default_factory=list)
-    pool_g: list[Tensor | None] = field(default_factory=list)
-    shapes: list[torch.Size] = field(default_factory=list)
+    masks: list[Tensor | None]
+    pools: list[PoolState | None]
+    relu_g: list[Tensor | None]
+    pool_g: list[Tensor | None]
+    shapes: list[torch.Size]
+
+    @classmethod
+    def empty(cls, blocks: int) -> Latents:
+        return cls([None] * blocks, [None] * blocks, [None] * blocks, [None] * blocks, [torch.Size()] * blocks)
 
 
 @dataclass
@@ -156,8 +160,7 @@ class CNNF(nn.Module):
 
     def _run(self, x: Tensor, start: int, stop: int, previous: Latents | None) -> tuple[Tensor, Latents]:
         """Blocks ``start`` to ``stop`` - 1."""
-        n = len(self.blocks)
-        state = Latents([None] * n, [None] * n, [None] * n, [None] * n, [torch.Size()] * n)
+        state = Latents.empty(len(self.blocks))
         for i in range(start, stop):
             block = self.blocks[i]
             state.shapes[i] = x.shape

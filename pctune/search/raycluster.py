@@ -20,7 +20,7 @@ def connect(address: str | None, log: Log = print_line) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(address)
     if address:
         log(f"connecting to the Ray cluster at {address}")
         localray.init(address, log_to_driver=False, runtime_env=_runtime_env())
@@ -66,7 +66,12 @@ def check_fits(want: Mapping[str, float], message: Callable[[str, float, float],
 
 def cluster_address(job: Job) -> str | None:
     """The Ray cluster the search joins (``run.address``, else ``$RAY_ADDRESS``); None: a local Ray."""
-    return job.run.address or os.environ.get("RAY_ADDRESS") or None
+    return ray_address(job.run.address)
+
+
+def ray_address(address: str | None) -> str | None:
+    """The cluster to join: ``address``, else ``$RAY_ADDRESS``; None: a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def local_resources() -> dict[str, float]:

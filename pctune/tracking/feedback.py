@@ -42,7 +42,7 @@ class FeedbackRun:
 
     def __init__(self, uri: str, experiment: str, run_id: str | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)

@@ -49,7 +49,7 @@ def resolve_weights_uri(uri: str, tracking_uri: str) -> ResolvedWeights:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
     model, run = _MODEL_URI.fullmatch(uri), _RUN_URI.fullmatch(uri)
     try:
         if model:
@@ -78,13 +78,14 @@ def _latest(client, name: str):
 
 def _storage_uri(resolved: ResolvedWeights, tracking_uri: str) -> str:
     """Where the files of ``resolved.pinned`` are stored. MLflow's own ``models:/`` download asks the
-    process-wide registry (``mlflow.get_registry_uri()``) for the version, whatever registry URI it is
-    given, so a version is looked up here, in ``tracking_uri``'s registry, and its storage downloaded."""
+    process-wide registry (``mlflow.get_registry_uri()``, which follows an earlier ``set_tracking_uri``)
+    for the version, so the version is looked up here, by a client of ``tracking_uri`` (whose registry is
+    ``$MLFLOW_REGISTRY_URI`` if set, else that store), and its storage downloaded."""
     if not resolved.model:
         return resolved.pinned
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
     return client.get_model_version_download_uri(resolved.model, resolved.version)
 
 
