@@ -1,7 +1,8 @@
 """Per-trial overhead of the search service on the embedded demo.
 
 Compares the wall time per trial of a real Ray Tune + Optuna search (``pctune search demo``'s code
-path, one trial at a time, ``--repeats`` times, then ``--concurrency`` at a time) with the bare
+path: the preparation, a new local Ray, the reference points, then the experiment; one trial at a
+time, ``--repeats`` times, then ``--concurrency`` at a time) with the bare
 evaluation of the same points in one process (``pctune.search.objective.score``, same thread count as a
 trial), and splits each serial search's wall time into what the experiment pays once (its start and
 end, the first trial's warm-up) and what every later trial pays besides its evaluation
@@ -60,7 +61,10 @@ def _decompose(timeline: Timeline, begin: float, end: float) -> dict:
             "steady_fixed_cost_per_trial_s": between_s + beyond_s, "experiment_end_s": end - ends[order[-1]][0]}
 
 
-def _search(job, trials: int, concurrency: int, stage: str) -> dict:
+def _search(job, trials: int, concurrency: int, stage: str, references: str) -> dict:
+    """One search as ``pctune search`` runs it: a new local Ray, the reference points scored (in the driver
+    or as Ray tasks, ``references``), then the experiment, timed."""
+    from pctune import localray
     from pctune.search import driver
     from pctune.search.prepare import prepare
     from pctune.search.rundir import load_trials
@@ -69,7 +73,11 @@ def _search(job, trials: int, concurrency: int, stage: str) -> dict:
     job.search.max_concurrent_trials = concurrency
     job.search.starting_points = []
     prep = prepare(job, log=lambda _m: None)
+    driver.connect(None, log=lambda _m: None)  # after the preparation, as in pctune search
     setup = driver.trial_setup(prep)
+    points = {name: prep.net.hyperparameters(name) for name in ("feedforward", *prep.net.presets)}
+    in_driver = driver.points_in_driver(job) if references == "auto" else references == "driver"
+    driver.evaluate_points(setup, points, job.search.resources, in_driver)
     timeline = Timeline()
     start = time.perf_counter()
     driver.run_joint(prep, setup, log=lambda _m: None, callbacks=[timeline], stage=stage)  # no starting points
@@ -82,6 +90,7 @@ def _search(job, trials: int, concurrency: int, stage: str) -> dict:
                t.metrics["model_loads"] for t in done), "configs": [t.config for t in done], "prep": prep}
     if concurrency == 1:
         out["decomposition"] = _decompose(timeline, start, end)
+    localray.shutdown()
     return out
 
 
@@ -121,23 +130,19 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3, help="serial searches; the summary takes their medians")
     parser.add_argument("--concurrency", type=int, default=2, help="last run: trials at a time")
+    parser.add_argument("--references", choices=["auto", "driver", "tasks"], default="auto",
+                        help="where the reference points are scored before each experiment (auto: as pctune search "
+                             "does; tasks: as Ray tasks, pctune before 2026-12-07)")
     parser.add_argument("--out", default="benchmarks/results/search_overhead.json")
     args = parser.parse_args()
 
-    import ray
-
-    from pctune.search.driver import connect
     from pctune.search.job import load_job
 
     machine_before = _machine()
     with tempfile.TemporaryDirectory() as tmp:
         job = load_job("demo", {"run.storage_path": tmp})
-        t0 = time.perf_counter()
-        connect(None, log=lambda _m: None)
-        ray_start = time.perf_counter() - t0
-        serial = [_search(job, args.trials, 1, f"bench_serial{i}") for i in range(args.repeats)]
-        parallel = _search(job, args.trials, args.concurrency, f"bench_c{args.concurrency}")
-        ray.shutdown()
+        serial = [_search(job, args.trials, 1, f"bench_serial{i}", args.references) for i in range(args.repeats)]
+        parallel = _search(job, args.trials, args.concurrency, f"bench_c{args.concurrency}", args.references)
     prep = serial[0]["prep"]
     bare = [_bare(prep, run["configs"], threads=int(job.search.resources["cpu"])) for run in serial]
     for run in [*serial, parallel]:
@@ -147,9 +152,9 @@ def main() -> None:
     result = {
         "benchmark": "search_overhead",
         "machine": machine_before, "load_avg_1m_after": os.getloadavg()[0],
-        "env": {k: v for k, v in os.environ.items() if k.startswith("TUNE_")},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("TUNE_", "PCTUNE_"))},
+        "references": args.references,
         "images": len(prep.labels), "timesteps": job.objective.timesteps, "repeats": args.repeats,
-        "ray_start_s": ray_start,
         "bare_eval": bare,
         "search_serial": serial,
         f"search_concurrency_{args.concurrency}": parallel,

@@ -151,3 +151,22 @@ def kill_after_trials(driver: subprocess.Popen, run_dir, trials: int, stage: str
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+
+
+def idle_ray_workers() -> set[int]:
+    """Pids of Ray's idle worker processes on this machine (their title is ``ray::IDLE``)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE"):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_for_idle_workers(timeout: float = 30.0) -> None:
+    """Ray prestarts its idle workers in the background after ``ray.init``."""
+    deadline = time.monotonic() + timeout
+    while not idle_ray_workers() and time.monotonic() < deadline:
+        time.sleep(0.2)

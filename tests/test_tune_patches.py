@@ -4,10 +4,10 @@ driver still loses no finished trial and runs none twice is test_signed_state's 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
+from helpers import idle_ray_workers, wait_for_idle_workers
 from ray import tune
 
 pytestmark = pytest.mark.slow
@@ -36,25 +36,6 @@ class Steps(tune.Callback):
         self._last = stamp
 
 
-def _idle_ray_workers() -> set[int]:
-    """Pids of Ray's idle worker processes on this machine (their title is ``ray::IDLE``)."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE"):
-                pids.add(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _wait_for_idle_workers(timeout: float = 30.0) -> None:
-    """Ray prestarts its idle workers in the background after ``ray.init``."""
-    deadline = time.monotonic() + timeout
-    while not _idle_ray_workers() and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 def _experiment(tmp_path: Path, stage: str, trials: int) -> tuple[Steps, set[int]]:
     from pctune.search import driver
     from pctune.search.job import load_job
@@ -66,8 +47,8 @@ def _experiment(tmp_path: Path, stage: str, trials: int) -> tuple[Steps, set[int
     prep = prepare(job, log=lambda _m: None)
     setup = driver.trial_setup(prep)
     steps = Steps()
-    _wait_for_idle_workers()
-    idle = _idle_ray_workers()
+    wait_for_idle_workers()
+    idle = idle_ray_workers()
     driver.run_joint(prep, setup, log=lambda _m: None, callbacks=[steps], stage=stage)
     return steps, idle
 
@@ -90,3 +71,4 @@ def test_the_state_is_saved_in_the_steps_that_add_a_trial_and_no_other(cluster, 
     assert len({seen[-1][0] for seen, _ in steps.steps}) == 4  # four trials were added
     assert saved == changed  # a save in every step that added a trial, none in another step
     assert len(steps.steps) > 2 * len(saved)  # Tune's loop took many more steps than that
+

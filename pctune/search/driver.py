@@ -31,7 +31,7 @@ from pctune.search.extend import restore_tuner
 from pctune.search.identity import check_resume, evaluation_arrays, fingerprint, job_record
 from pctune.search.job import Job
 from pctune.search.prepare import Log, Prepared, _print, check_paths, prepare
-from pctune.search.raycluster import check_resources, connect
+from pctune.search.raycluster import check_resources, cluster_address, connect
 from pctune.search.rundir import COMBINATION, JOB, REFERENCES, RunDir, Trial, load_trials
 from pctune.search.schedulers import make_scheduler, report_points
 from pctune.search.searchers import make_searcher  # noqa: F401 (re-exported: tests, earlier callers)
@@ -69,16 +69,30 @@ def trial_setup(prep: Prepared, data_key: str | None = None) -> TrialPayload:
                                                       search.reduction_factor)))
 
 
-def evaluate_points(setup: TrialPayload, points: dict[str, Hyperparameters], resources: dict) -> dict[str, dict]:
-    """Score named points as plain Ray tasks (in parallel), on the same workers and caches as trials."""
+def evaluate_points(setup: TrialPayload, points: dict[str, Hyperparameters], resources: dict,
+                    in_driver: bool = False) -> dict[str, dict]:
+    """Score named points as plain Ray tasks (in parallel), on the same workers and caches as trials;
+    ``in_driver``: one after the other in this process, with a trial's threads (:func:`points_in_driver`)."""
     import ray
 
-    from pctune.search.trainable import evaluate_task
+    from pctune.search.trainable import evaluate_here, evaluate_task
 
+    if in_driver:
+        return {name: {"metrics": evaluate_here(setup, hp, int(resources["cpu"])), "config": hparams_to_config(hp)}
+                for name, hp in points.items()}
     task = ray.remote(evaluate_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
     refs = {name: task.remote(setup, hp.to_mapping()) for name, hp in points.items()}
     return {name: {"metrics": ray.get(ref), "config": hparams_to_config(points[name])}
             for name, ref in refs.items()}
+
+
+def points_in_driver(job: Job) -> bool:
+    """Score reference points in the driver: on a local Ray whose trials use no GPU. A Ray worker that
+    ran a task is never given to an actor, so tasks there would take the idle workers Ray started with
+    the trial's modules imported (:func:`pctune.search.raycluster.connect`) and leave the first trial
+    to start a new worker and import torch and Ray Tune (about 2.8 s on the 2-core machine). The
+    driver has torch imported and the same CPU; a cluster's or a GPU's points run where trials run."""
+    return cluster_address(job) is None and not job.search.resources["gpu"]
 
 
 # -- the search ---------------------------------------------------------------------------------
@@ -149,7 +163,7 @@ def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: 
     for preset in prep.net.presets:
         points[preset] = prep.net.hyperparameters(preset)
     start = time.perf_counter()
-    refs = evaluate_points(setup, points, prep.job.search.resources)
+    refs = evaluate_points(setup, points, prep.job.search.resources, points_in_driver(prep.job))
     for name, ref in refs.items():
         log(f"reference {name:12s} {_scores(prep.job, ref['metrics'])}")
     log(f"references scored in {time.perf_counter() - start:.1f}s")
@@ -274,7 +288,7 @@ class Stages:
         _run_stage(self.prep, self.setup, stage, searcher, num_samples, self.log, self.callbacks)
 
     def evaluate(self, points: dict[str, Hyperparameters]) -> dict[str, dict]:
-        return evaluate_points(self.setup, points, self.prep.job.search.resources)
+        return evaluate_points(self.setup, points, self.prep.job.search.resources, points_in_driver(self.prep.job))
 
     def best(self, stage: str):
         return self.run_dir.best(stage)

@@ -77,9 +77,10 @@ def trial_device() -> torch.device:
 
 
 def _set_threads() -> None:
+    """A Ray worker computes with as many threads as it was given CPUs (the driver keeps its own)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
@@ -199,3 +200,13 @@ def node_id() -> str:
 def evaluate_task(setup: TrialPayload, hparams_mapping: dict) -> dict[str, float]:
     """Body of the Ray task that scores reference points (feedforward, presets, combinations)."""
     return evaluate(setup, Hyperparameters.from_mapping(hparams_mapping))
+
+
+def evaluate_here(setup: TrialPayload, hparams: Hyperparameters, threads: int) -> dict[str, float]:
+    """:func:`evaluate` in this (the driver's) process on the CPU, with a trial's ``threads``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        return evaluate(setup, hparams)
+    finally:
+        torch.set_num_threads(before)
