@@ -76,7 +76,7 @@ def trial_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _set_threads() -> None:
+def set_worker_threads() -> None:
     """A Ray worker computes with as many threads as it was given CPUs (the driver keeps its own)."""
     import ray
 
@@ -118,7 +118,7 @@ def evaluate_chunks(setup: TrialPayload, hparams: Hyperparameters,
                     sums: RunningSums | None = None) -> Iterator[dict[str, float]]:
     """Score ``hparams`` in this process (a Tune trial or a plain Ray task), yielding the running
     metrics at every report point of ``setup`` (the last one final)."""
-    _set_threads()
+    set_worker_threads()
     device = trial_device()
     net, data = materialize(setup, device)
     counter = {"cached": 0}
