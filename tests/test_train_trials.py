@@ -33,7 +33,7 @@ def payload(cluster):
     from pctune.search.train_search import training_payload
 
     x, y = digits("train")
-    return training_payload(get_cnnf_spec("cnnf_demo"), (x[:400], y[:400]), (x[1100:1250], y[1100:1250]),
+    return training_payload(get_cnnf_spec("cnnf_demo"), (x[:300], y[:300]), (x[1100:1200], y[1100:1200]),
                             epochs=EPOCHS)
 
 
