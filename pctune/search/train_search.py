@@ -21,6 +21,7 @@ from pctune.data.noise import add_gaussian_noise
 from pctune.metrics import METRIC
 from pctune.models.cnnf import CNNFSpec
 from pctune.search.callbacks import MAX_FAILURES
+from pctune.search.schedulers import SCHEDULERS
 from pctune.search.train_trials import EPOCH, TrainPayload, train_trial
 
 
@@ -57,13 +58,13 @@ def run_training_search(payload: TrainPayload, space: dict, *, num_samples: int,
     if any(isinstance(value, Domain) for value in space.values()):
         searcher = OptunaSearch(metric=METRIC, mode="min", seed=seed,
                                 sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
-    if scheduler == "asha":
+    kind = SCHEDULERS[scheduler]
+    if kind.pauses_trials:
+        raise ValueError(f"scheduler {scheduler!r}: training searches stop trials early (asha) or not (fifo)")
+    trial_scheduler = FIFOScheduler()
+    if kind.stops_early:
         trial_scheduler = AsyncHyperBandScheduler(time_attr=EPOCH, metric=METRIC, mode="min", max_t=payload.epochs,
                                                   grace_period=1, reduction_factor=reduction_factor)
-    elif scheduler == "fifo":
-        trial_scheduler = FIFOScheduler()
-    else:
-        raise ValueError(f"scheduler {scheduler!r}: 'fifo' or 'asha'")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(train_trial, payload=payload), {"cpu": cpus_per_trial}),
         param_space=space,
