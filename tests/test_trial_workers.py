@@ -1,6 +1,7 @@
 """Where a search's work runs on a local Ray: its reference points in the driver, so that its first
-trial takes one of the workers Ray started with the trial's modules already imported
-(:func:`pctune.search.raycluster.connect`, :func:`pctune.search.driver.points_in_driver`)."""
+trial takes one of the workers Ray prestarted (:func:`pctune.search.driver.points_in_driver`), and
+with ``PCTUNE_PRELOAD=1`` those workers start with the trial's modules imported
+(:func:`pctune.search.raycluster.connect`)."""
 
 from __future__ import annotations
 
