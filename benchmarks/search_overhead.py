@@ -75,9 +75,8 @@ def _search(job, trials: int, concurrency: int, stage: str, references: str) -> 
     prep = prepare(job, log=lambda _m: None)
     driver.connect(None, log=lambda _m: None)  # after the preparation, as in pctune search
     setup = driver.trial_setup(prep)
-    points = {name: prep.net.hyperparameters(name) for name in ("feedforward", *prep.net.presets)}
     in_driver = driver.points_in_driver(job) if references == "auto" else references == "driver"
-    driver.evaluate_points(setup, points, job.search.resources, in_driver)
+    driver.evaluate_points(setup, driver.reference_points(prep.net), job.search.resources, in_driver)
     timeline = Timeline()
     start = time.perf_counter()
     driver.run_joint(prep, setup, log=lambda _m: None, callbacks=[timeline], stage=stage)  # no starting points

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from search_efficiency import cost_to_reach
 
 
 def _arm(payload, space, scheduler: str, trials: int, seed: int, storage: str) -> dict:
@@ -45,7 +51,9 @@ def _arm(payload, space, scheduler: str, trials: int, seed: int, storage: str) -
 
 
 def _compute_to_reach(curve: list, target: float) -> int | None:
-    return next((spent for spent, best in curve if best <= target), None)
+    """search_efficiency's ``cost_to_reach``, with None (JSON) for never."""
+    spent = cost_to_reach(curve, target)
+    return None if math.isinf(spent) else spent
 
 
 def main() -> None:

@@ -88,10 +88,10 @@ def evaluate_points(setup: TrialPayload, points: dict[str, Hyperparameters], res
 
 def points_in_driver(job: Job) -> bool:
     """Score reference points in the driver: on a local Ray whose trials use no GPU. A Ray worker that
-    ran a task is never given to an actor, so tasks there would take the idle workers Ray started with
-    the trial's modules imported (:func:`pctune.search.raycluster.connect`) and leave the first trial
-    to start a new worker and import torch and Ray Tune (about 2.8 s on the 2-core machine). The
-    driver has torch imported and the same CPU; a cluster's or a GPU's points run where trials run."""
+    ran a task is never given to an actor, so tasks there would take the idle workers Ray prestarted
+    (with ``PCTUNE_PRELOAD=1``, with the trial's modules imported: :func:`pctune.search.raycluster.connect`)
+    and leave the first trial to start a new worker. The driver has torch imported and the same CPU;
+    a cluster's or a GPU's points run where trials run."""
     return cluster_address(job) is None and not job.search.resources["gpu"]
 
 
@@ -159,16 +159,18 @@ def score_references(prep: Prepared, setup: TrialPayload, run_dir: RunDir, log: 
     refs = run_dir.references()
     if refs:
         return refs
-    points = {"feedforward": prep.net.hyperparameters("feedforward")}
-    for preset in prep.net.presets:
-        points[preset] = prep.net.hyperparameters(preset)
     start = time.perf_counter()
-    refs = evaluate_points(setup, points, prep.job.search.resources, points_in_driver(prep.job))
+    refs = evaluate_points(setup, reference_points(prep.net), prep.job.search.resources, points_in_driver(prep.job))
     for name, ref in refs.items():
         log(f"reference {name:12s} {_scores(prep.job, ref['metrics'])}")
     log(f"references scored in {time.perf_counter() - start:.1f}s")
     run_dir.write_json(REFERENCES, refs)
     return refs
+
+
+def reference_points(net) -> dict[str, Hyperparameters]:
+    """The points every search scores first: the feedforward baseline, then the model's presets."""
+    return {name: net.hyperparameters(name) for name in ("feedforward", *net.presets)}
 
 
 def _scores(job: Job, metrics: dict) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pctune.metrics import METRIC
+from pctune.metrics import METRIC, at_timestep
 from pctune.models.cnnf import CNNFSpec
 from pctune.pc.cnnf import CNNF, train_epoch
 from pctune.search.trainable import set_worker_threads
@@ -87,7 +87,7 @@ def validate(net: CNNF, images: torch.Tensor, labels: torch.Tensor, iterations: 
     ce, correct = ce / len(images), correct / len(images)
     metrics = {METRIC: float(ce[1:].mean()) if iterations else float(ce[0])}
     for t in range(iterations + 1):
-        metrics[f"ce_t{t}"], metrics[f"accuracy_t{t}"] = float(ce[t]), float(correct[t])
+        metrics[at_timestep("ce", t)], metrics[at_timestep("accuracy", t)] = float(ce[t]), float(correct[t])
     return metrics
 
 
